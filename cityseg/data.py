@@ -1,0 +1,229 @@
+"""Cityscapes on disk: layout detection, image/label pairing, the dataset, samplers and loaders."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .errors import UserError
+from .labels import IGNORE_INDEX, NUM_CLASSES, ids_to_train_ids, invalid_label_ids
+
+IMG_SUFFIX = "_leftImg8bit.png"
+LABEL_SUFFIX = "_gtFine_labelIds.png"
+TRAIN_LABEL_SUFFIX = "_gtFine_labelTrainIds.png"
+#: The two layouts people have: what the downloads unpack to, and the one with *_trainvaltest wrappers.
+LAYOUTS = {
+    "downloads": ("leftImg8bit", "gtFine"),
+    "trainvaltest": ("leftImg8bit_trainvaltest/leftImg8bit", "gtFine_trainvaltest/gtFine"),
+}
+
+
+class DataError(UserError):
+    """Bad input data; the message names the path and what is wrong."""
+
+
+def detect_layout(root: str | Path) -> tuple[Path, Path]:
+    """Return ``(leftImg8bit dir, gtFine dir)`` for a Cityscapes root in either layout."""
+    root = Path(root).expanduser()
+    if not str(root) or not root.is_dir():
+        raise DataError(f"--data-root {root}: no such directory; point it at your Cityscapes root "
+                        f"(or write a synthetic one with `python -m cityseg.synthetic --out {root or 'DIR'}`).")
+    for img_rel, gt_rel in LAYOUTS.values():
+        if (root / img_rel).is_dir():
+            return root / img_rel, root / gt_rel
+    raise DataError(f"--data-root {root}: holds neither leftImg8bit/ nor leftImg8bit_trainvaltest/leftImg8bit/; "
+                    f"point it at the directory that contains them.")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a split and its label file (``None`` when the split has no labels)."""
+
+    image: Path
+    label: Path | None
+
+    @property
+    def name(self) -> str:
+        """``city_seq_frame``, the Cityscapes id of the image."""
+        return self.image.name[: -len(IMG_SUFFIX)]
+
+
+def _label_for(gt_dir: Path, image: Path) -> Path | None:
+    stem = image.name[: -len(IMG_SUFFIX)]
+    for suffix in (LABEL_SUFFIX, TRAIN_LABEL_SUFFIX):
+        candidate = gt_dir / image.parent.name / (stem + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def list_samples(root: str | Path, split: str, labels: bool = True) -> list[Sample]:
+    """Pair every ``*_leftImg8bit.png`` of a split with its gtFine label (checked up front)."""
+    img_root, gt_root = detect_layout(root)
+    img_dir, gt_dir = img_root / split, gt_root / split
+    if not img_dir.is_dir():
+        raise DataError(f"{img_dir}: split '{split}' not found; expected {img_dir}/CITY/*{IMG_SUFFIX}.")
+    images = sorted(img_dir.glob(f"*/*{IMG_SUFFIX}"))
+    if not images:
+        raise DataError(f"{img_dir}: no *{IMG_SUFFIX} files in its city folders.")
+    if not labels:
+        return [Sample(p, _label_for(gt_dir, p)) for p in images]
+    samples = []
+    for p in images:
+        label = _label_for(gt_dir, p)
+        if label is None:
+            raise DataError(f"{p}: no label file; expected {gt_dir / p.parent.name / (p.name[:-len(IMG_SUFFIX)] + LABEL_SUFFIX)}.")
+        samples.append(Sample(p, label))
+    have = {p.name[: -len(IMG_SUFFIX)] for p in images}
+    for suffix in (LABEL_SUFFIX, TRAIN_LABEL_SUFFIX):
+        for lab in sorted(gt_dir.glob(f"*/*{suffix}")):
+            if lab.name[: -len(suffix)] not in have:
+                raise DataError(f"{lab}: label without its image; expected "
+                                f"{img_dir / lab.parent.name / (lab.name[:-len(suffix)] + IMG_SUFFIX)}.")
+    return samples
+
+
+def _decode(path: Path, flags: int) -> np.ndarray:
+    try:
+        buf = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror}).") from e
+    img = cv2.imdecode(buf, flags) if buf.size else None
+    if img is None:
+        raise DataError(f"{path}: not a readable PNG (truncated or corrupt); re-extract or re-download it.")
+    return img
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode an 8-bit image as HxWx3 RGB uint8."""
+    img = _decode(path, cv2.IMREAD_COLOR)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_label(path: Path) -> np.ndarray:
+    """Decode a labelIds (or labelTrainIds) PNG into trainIds (255 = ignore), validating its values."""
+    lab = _decode(path, cv2.IMREAD_UNCHANGED)
+    if lab.ndim != 2 or lab.dtype != np.uint8:
+        raise DataError(f"{path}: a label must be a single-channel 8-bit PNG, got shape {lab.shape} {lab.dtype}.")
+    if path.name.endswith(TRAIN_LABEL_SUFFIX):
+        bad = sorted(set(np.unique(lab).tolist()) - set(range(NUM_CLASSES)) - {IGNORE_INDEX})
+        if bad:
+            raise DataError(f"{path}: trainIds {bad} are not Cityscapes train ids (0-{NUM_CLASSES - 1} or 255).")
+        return lab
+    bad = invalid_label_ids(lab)
+    if bad:
+        raise DataError(f"{path}: label ids {bad} are not in the Cityscapes label table (0-33).")
+    return ids_to_train_ids(lab)
+
+
+Transform = Callable[[np.ndarray, np.ndarray, int, int], "tuple[np.ndarray, np.ndarray]"]
+
+
+class CityscapesDataset(Dataset):
+    """A Cityscapes split. Keys are ``index`` or ``(epoch, index)``; the latter seeds the augmentation."""
+
+    def __init__(self, root: str | Path, split: str, transform: Transform | None = None, labels: bool = True):
+        self.samples = list_samples(root, split, labels=labels)
+        self.split = split
+        self.transform = transform
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Read image and trainId label of one sample, checking that their sizes match."""
+        s = self.samples[index]
+        image = read_image(s.image)
+        if s.label is None:
+            return image, np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
+        label = read_label(s.label)
+        if label.shape != image.shape[:2]:
+            raise DataError(f"{s.label}: label is {label.shape[1]}x{label.shape[0]} but its image "
+                            f"{s.image.name} is {image.shape[1]}x{image.shape[0]} (WxH); they must match.")
+        return image, label
+
+    def __getitem__(self, key: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        epoch, index = (0, key) if isinstance(key, int) else (int(key[0]), int(key[1]))
+        image, label = self.load(index)
+        if self.transform is not None:
+            image, label = self.transform(image, label, epoch, index)
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(label)), index
+
+
+class TrainSampler(Sampler):
+    """Shards each epoch's global batches over ranks; yields ``(epoch, index)`` keys for this rank.
+
+    Epoch ``e`` shuffles all indices with a generator seeded by ``(seed, e)``; global batch ``k`` is
+    ``perm[k*G:(k+1)*G]`` with ``G = world_size * batch_size`` and rank ``r`` takes its ``r``-th slice of
+    ``batch_size``. So 1 process and N processes walk the same global order, and starting at step ``k`` of
+    an epoch costs nothing (no batch is loaded and thrown away).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0):
+        self.n, self.batch, self.world, self.rank, self.seed = num_samples, batch_size, world_size, rank, seed
+        self.global_batch = batch_size * world_size
+        self.steps_per_epoch = num_samples // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(f"the training split has {num_samples} images, fewer than one global batch of "
+                            f"{self.global_batch} ({world_size} processes x --batch-size {batch_size}); "
+                            f"lower --batch-size or use fewer processes.")
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch to walk and the step of it to start at."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} outside 0..{self.steps_per_epoch}")
+        self.epoch, self.start_step = epoch, start_step
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The global order of epoch ``epoch``."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        perm = self.permutation(self.epoch).tolist()
+        for k in range(self.start_step, self.steps_per_epoch):
+            lo = k * self.global_batch + self.rank * self.batch
+            for idx in perm[lo: lo + self.batch]:
+                yield (self.epoch, idx)
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.batch
+
+
+class ShardSampler(Sampler):
+    """Evaluation sharding: rank ``r`` takes indices ``r, r + W, ...`` so each image is seen exactly once."""
+
+    def __init__(self, num_samples: int, world_size: int = 1, rank: int = 0, limit: int = 0):
+        self.indices = list(range(min(num_samples, limit) if limit else num_samples))[rank::world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _worker_init(_: int) -> None:
+    cv2.setNumThreads(1)  # DataLoader workers already parallelise; OpenCV threads would oversubscribe
+
+
+def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: int, pin: bool,
+                drop_last: bool = False) -> DataLoader:
+    """A DataLoader with the settings every cityseg loader shares."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=pin, drop_last=drop_last, worker_init_fn=_worker_init,
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
+def epochs_for(max_iters: int, steps_per_epoch: int) -> int:
+    """Number of (possibly partial) epochs ``max_iters`` steps touch."""
+    return math.ceil(max_iters / steps_per_epoch)

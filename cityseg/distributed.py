@@ -1,0 +1,103 @@
+"""Distributed setup in one place: a small context from torchrun's variables, with a one-process fallback."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: its rank, the world size and the device it computes on."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """True on the one process that logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when a process group with more than one member is up."""
+        return self.world_size > 1
+
+
+def resolve_device(kind: str, local_rank: int) -> torch.device:
+    """``auto`` picks CUDA when available; each process takes the GPU of its local rank."""
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                               "start at most one process per GPU.")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init(device: str = "auto") -> DistContext:
+    """Join the process group described by torchrun/SLURM-style env variables, or run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=30), **kwargs)
+    return DistContext(rank=rank, local_rank=local_rank, world_size=world, device=dev)
+
+
+def teardown() -> None:
+    """Destroy the process group if one is up (safe to call on every exit path)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device: str = "auto") -> Iterator[DistContext]:
+    """``with session() as ctx:`` initialises the group and always tears it down."""
+    try:
+        yield init(device)
+    finally:
+        teardown()
+
+
+def is_enabled() -> bool:
+    """True inside a process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op when running alone."""
+    if is_enabled():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place and return it; a no-op when running alone."""
+    if is_enabled():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Send a picklable object from ``src`` to every rank."""
+    if not is_enabled():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

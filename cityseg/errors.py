@@ -1,0 +1,30 @@
+"""Errors a user can cause, and how the entry scripts report them: one line, no traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator
+
+
+class UserError(Exception):
+    """Something the user can fix (a path, a file, a flag); the message says what and how."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The user-facing sentence of ``exc``, also when a DataLoader worker re-raised it with its traceback."""
+    text = str(exc).strip()
+    if text.startswith("Caught ") and "\n" in text:  # torch.utils.data wraps worker errors with a traceback
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+@contextlib.contextmanager
+def report_user_errors() -> Iterator[None]:
+    """Turn a :class:`UserError` into ``error: <message>`` on stderr and exit status 2."""
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

@@ -1,0 +1,58 @@
+"""The Cityscapes label table, taken from cityscapesscripts and turned into lookup arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+from cityscapesscripts.helpers.labels import labels as _LABELS
+
+IGNORE_INDEX = 255
+
+#: Train classes in trainId order (19 for Cityscapes).
+TRAIN_LABELS = sorted((lab for lab in _LABELS if 0 <= lab.trainId < IGNORE_INDEX), key=lambda lab: lab.trainId)
+NUM_CLASSES = len(TRAIN_LABELS)
+CLASS_NAMES = tuple(lab.name for lab in TRAIN_LABELS)
+#: Categories of the train classes, in order of first appearance (flat, construction, ...).
+CATEGORY_NAMES = tuple(dict.fromkeys(lab.category for lab in TRAIN_LABELS))
+#: RGB colour of each trainId (the Cityscapes palette).
+PALETTE = np.array([lab.color for lab in TRAIN_LABELS], dtype=np.uint8)
+#: The labelIds that may appear in a ``*_gtFine_labelIds.png`` (ids 0..33; license plate is -1).
+VALID_LABEL_IDS = frozenset(lab.id for lab in _LABELS if lab.id >= 0)
+
+
+def _id_to_train_lut() -> np.ndarray:
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    for lab in _LABELS:
+        if lab.id >= 0:
+            lut[lab.id] = lab.trainId if 0 <= lab.trainId < IGNORE_INDEX else IGNORE_INDEX
+    return lut
+
+
+def _train_to_id_lut() -> np.ndarray:
+    lut = np.zeros(256, dtype=np.uint8)  # ignore/unknown back to 'unlabeled' (id 0)
+    for lab in TRAIN_LABELS:
+        lut[lab.trainId] = lab.id
+    return lut
+
+
+#: ``ID_TO_TRAIN[label_id]`` is the trainId (255 for classes not trained on).
+ID_TO_TRAIN = _id_to_train_lut()
+#: ``TRAIN_TO_ID[train_id]`` is the Cityscapes labelId, for exporting predictions.
+TRAIN_TO_ID = _train_to_id_lut()
+
+
+def ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
+    """Map a labelIds image to trainIds (255 = ignore) through the official table."""
+    return ID_TO_TRAIN[label_ids]
+
+
+def invalid_label_ids(label_ids: np.ndarray) -> list[int]:
+    """The values in a labelIds image that are not ids of the Cityscapes table (empty when all are valid)."""
+    present = np.flatnonzero(np.bincount(label_ids.ravel(), minlength=256))
+    return [int(v) for v in present if int(v) not in VALID_LABEL_IDS]
+
+
+def colorize(train_ids: np.ndarray) -> np.ndarray:
+    """Paint a trainId map in the Cityscapes palette (ignore is black); returns HxWx3 uint8 RGB."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[:NUM_CLASSES] = PALETTE
+    return lut[train_ids]

@@ -1,0 +1,112 @@
+"""Run logging on the main rank: console/tqdm, ``metrics.jsonl``, ``train.log`` and Weights & Biases."""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from tqdm import tqdm
+
+
+def wandb_logged_in() -> bool:
+    """True when an API key is configured (env or netrc); the key itself is never read out or logged."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """``auto`` -> ``WANDB_MODE`` if set, else online when logged in, else offline."""
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE")
+    if env in ("online", "offline", "disabled"):
+        return "off" if env == "disabled" else env
+    return "online" if wandb_logged_in() else "offline"
+
+
+class RunLogger:
+    """Everything a run reports. Only the main rank writes; other ranks get a logger that does nothing."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool):
+        self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self.wandb_run = None
+        self.bar = None
+        self.interactive = enabled and sys.stderr.isatty()
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
+        self.text = open(self.out_dir / "train.log", "a", buffering=1)
+
+    def open_bar(self, total: int, initial: int) -> None:
+        """A tqdm bar on a terminal; batch logs (SLURM, CI) get plain lines from :meth:`report` instead."""
+        if self.interactive and self.bar is None:
+            self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, unit="it", smoothing=0.1)
+
+    def info(self, message: str) -> None:
+        """A line for the console and ``train.log``."""
+        if not self.enabled:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        (self.bar.write if self.bar else print)(message, file=sys.stderr if self.bar else sys.stdout)
+        sys.stdout.flush()
+        self.text.write(f"{stamp} {message}\n")
+
+    def start_wandb(self, mode: str, config: dict[str, Any], run_id: str | None, project: str,
+                    entity: str, name: str) -> str | None:
+        """Start (or continue, when ``run_id`` is given) the W&B run; returns its id."""
+        if not self.enabled or mode == "off":
+            return run_id
+        import wandb  # imported here: starting W&B is slow and not every run uses it
+
+        self.wandb_run = wandb.init(project=project, entity=entity or None, name=name or None, id=run_id,
+                                    resume="allow", mode=mode, dir=str(self.out_dir), config=config,
+                                    settings=wandb.Settings(console="off", silent=True))
+        self.info(f"W&B run {self.wandb_run.id} ({mode})")
+        return self.wandb_run.id
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        """Write one record to ``metrics.jsonl`` and W&B at ``step``."""
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps({"iteration": step, **values}) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=step)
+
+    def advance(self) -> None:
+        """Move the progress bar one iteration (a host-side counter: no device sync)."""
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def report(self, line: str, **postfix: Any) -> None:
+        """Progress at a log interval: the bar's postfix on a terminal, otherwise a plain line."""
+        if self.bar is not None:
+            self.bar.set_postfix(postfix)
+        else:
+            self.info(line)
+
+    def close(self) -> None:
+        """Finish W&B and close files."""
+        if not self.enabled or self.metrics.closed:
+            return
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+        self.metrics.close()
+        self.text.close()

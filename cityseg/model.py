@@ -1,0 +1,70 @@
+"""U-Net (Ronneberger et al., 2015) with BatchNorm, for inputs of any size."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .labels import NUM_CLASSES
+
+
+class DoubleConv(nn.Sequential):
+    """(3x3 conv -> BatchNorm -> ReLU) twice."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        )
+
+
+class Down(nn.Sequential):
+    """2x2 max-pool, then DoubleConv."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.MaxPool2d(2), DoubleConv(cin, cout))
+
+
+class Up(nn.Module):
+    """2x transposed-conv upsampling, concatenation with the skip connection, then DoubleConv."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(cin, cin // 2, 2, stride=2)
+        self.conv = DoubleConv(cin, cout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([skip, self.up(x)], dim=1))
+
+
+class UNet(nn.Module):
+    """Four-level U-Net; ``width`` is the channel count of the first level (64 = the classic 31M net)."""
+
+    multiple = 16  # four 2x poolings
+
+    def __init__(self, num_classes: int = NUM_CLASSES, width: int = 64, in_channels: int = 3):
+        super().__init__()
+        w = width
+        self.inc = DoubleConv(in_channels, w)
+        self.down = nn.ModuleList([Down(w, 2 * w), Down(2 * w, 4 * w), Down(4 * w, 8 * w), Down(8 * w, 16 * w)])
+        self.up = nn.ModuleList([Up(16 * w, 8 * w), Up(8 * w, 4 * w), Up(4 * w, 2 * w), Up(2 * w, w)])
+        self.head = nn.Conv2d(w, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % self.multiple, (-w) % self.multiple
+        if ph or pw:  # pad bottom/right to a multiple of 16; the logits are cropped back below
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "constant")
+        skips = [self.inc(x)]
+        for down in self.down:
+            skips.append(down(skips[-1]))
+        y = skips.pop()
+        for up in self.up:
+            y = up(y, skips.pop())
+        return self.head(y)[..., :h, :w]
+
+
+def build_model(width: int, num_classes: int = NUM_CLASSES) -> UNet:
+    """The U-Net of a config."""
+    return UNet(num_classes=num_classes, width=width)
