@@ -7,8 +7,11 @@ Four GPUs on one node:
         --config cityseg/configs/cityscapes_unet.yaml --out-dir runs/unet
 Two nodes (run on each, with the first node's address):
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py ...
-Starting again with the same --out-dir resumes from OUT/last.pt. Every flag: python train.py --help
+Starting again with the same --out-dir resumes from OUT/last.pt. SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 make all
+ranks finish their step, save a checkpoint and exit with status 128 + signal number. Every flag: --help
 """
+
+import sys
 
 from cityseg.config import parse_config
 from cityseg.engine import train
@@ -18,7 +21,9 @@ from cityseg.errors import report_user_errors
 def main(argv=None) -> None:
     with report_user_errors():
         cfg = parse_config(argv)
-        train(cfg)
+        result = train(cfg)
+    if result["stopped_by"]:
+        sys.exit(128 + result["stopped_by"])
 
 
 if __name__ == "__main__":

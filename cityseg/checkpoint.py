@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from .errors import UserError
 
 LAST = "last.pt"
 BEST = "best.pt"
+PERIODIC = re.compile(r"ckpt_(\d+)\.pt")
 #: Config fields that change what a checkpoint's tensors mean; resuming with another value is refused.
 SHAPE_FIELDS = ("width",)
 
@@ -41,6 +43,65 @@ def save(state: dict[str, Any], path: str | Path) -> None:
         raise CheckpointError(f"{path}: could not write the checkpoint ({e.strerror or e}); free space or fix "
                               f"permissions in {path.parent}. The previous checkpoint there is intact.") from e
     _fsync_dir(path.parent)
+
+
+def save_periodic(state: dict[str, Any], out_dir: str | Path, keep: int) -> Path:
+    """Write ``ckpt_<iteration>.pt``, point ``last.pt`` at it, and keep only the newest ``keep`` of them.
+
+    ``last.pt`` is a hard link (no second write) replaced atomically; where the file system has no hard
+    links it is a copy. Older periodic files are deleted only after the new one is complete.
+    """
+    out = Path(out_dir)
+    path = out / f"ckpt_{int(state['iteration']):08d}.pt"
+    save(state, path)
+    tmp = out / f".{LAST}.link.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+        os.replace(tmp, out / LAST)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        save(state, out / LAST)
+    for old in periodic(out)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def periodic(out_dir: str | Path) -> list[Path]:
+    """The ``ckpt_<iteration>.pt`` files of a run, newest first."""
+    found = [(int(m.group(1)), p) for p in Path(out_dir).glob("ckpt_*.pt") if (m := PERIODIC.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def find_resumable(out_dir: str | Path, warn: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint of a run: ``last.pt``, else the newest good ``ckpt_*.pt``.
+
+    An unreadable file is reported through ``warn`` and skipped (never deleted). When checkpoints exist but
+    none can be read, that is an error rather than a silent fresh start.
+    """
+    out = Path(out_dir)
+    candidates, seen = [], set()
+    for p in [out / LAST, *periodic(out)]:
+        if p.is_file() and (key := (p.stat().st_dev, p.stat().st_ino)) not in seen:  # last.pt is a hard link
+            seen.add(key)
+            candidates.append(p)
+    failures = []
+    for path in candidates:
+        try:
+            return path, load(path)
+        except CheckpointError as e:
+            failures.append(str(e))
+            warn(f"warning: {e} Trying the next newest checkpoint.")
+    if failures:
+        raise CheckpointError(f"{out}: none of its {len(failures)} checkpoints can be read; move them away to "
+                              f"start from scratch, or point --out-dir elsewhere.")
+    return None
+
+
+def remove_stale_temps(out_dir: str | Path) -> None:
+    """Delete temp files a killed writer left behind (finished checkpoints are never touched)."""
+    for tmp in Path(out_dir).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -64,9 +64,13 @@ class TrainConfig:
     seed: int = option(0, "Seed of sample order, augmentation and initialisation.")
     device: str = option("auto", "Device type; auto = cuda when available.", ("auto", "cuda", "cpu"))
     eval_every: int = option(4000, "Evaluate on --val-split every N iterations (0 = only at the end).")
-    ckpt_every: int = option(1000, "Write OUT/last.pt every N iterations (and at the end).")
+    ckpt_every: int = option(1000, "Write OUT/ckpt_<iteration>.pt (and point OUT/last.pt at it) every N "
+                                   "iterations, at the end and when stopped by a signal.")
+    keep_ckpts: int = option(2, "Keep the newest N periodic checkpoints (best.pt is kept besides).")
     log_every: int = option(20, "Log loss, lr and throughput every N iterations (the only host syncs of the loop).")
     max_val_images: int = option(0, "Evaluate at most this many val images during training (0 = all).")
+    num_pictures: int = option(4, "At each evaluation, write (and log to W&B) prediction panels of the first N "
+                                  "val images, the per-class IoU bars and the confusion matrix (0 = none).")
     # tracking
     wandb: str = option("auto", "Weights & Biases; auto = online when logged in, otherwise offline.",
                     ("auto", "online", "offline", "off"))
@@ -76,10 +80,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         parse_hw(self.crop_size)
-        for name in ("batch_size", "width", "max_iters", "log_every"):
+        for name in ("batch_size", "width", "max_iters", "log_every", "keep_ckpts"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
-        for name in ("workers", "eval_every", "ckpt_every", "warmup_iters", "max_val_images"):
+        for name in ("workers", "eval_every", "ckpt_every", "warmup_iters", "max_val_images", "num_pictures"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}.")
         if not 0 < self.scale_min <= self.scale_max:

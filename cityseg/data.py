@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import math
+import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -142,7 +144,7 @@ class CityscapesDataset(Dataset):
         """Read image and trainId label of one sample, checking that their sizes match."""
         s = self.samples[index]
         image = read_image(s.image)
-        if s.label is None:
+        if s.label is None or not self.labels:
             return image, np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
         label = read_label(s.label)
         if label.shape != image.shape[:2]:
@@ -212,8 +214,32 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+#: Seconds a DataLoader worker keeps serving after a SIGTERM, so the training step in flight can finish.
+WORKER_TERM_GRACE_S = 30.0
+
+
 def _worker_init(_: int) -> None:
     cv2.setNumThreads(1)  # DataLoader workers already parallelise; OpenCV threads would oversubscribe
+    # SLURM and terminals signal every process of a job, workers included. The training process decides when
+    # to stop, and its workers must keep serving batches until it has finished its step and saved; it then
+    # shuts them down through their queues. A SIGTERM therefore only starts a grace timer here.
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_after_grace)
+
+
+def _exit_after_grace(signum: int, frame: object) -> None:
+    timer = threading.Timer(WORKER_TERM_GRACE_S, os._exit, (128 + signum,))
+    timer.daemon = True
+    timer.start()
+
+
+def shutdown(loader: DataLoader) -> None:
+    """Stop a loader's worker processes now, through their queues (persistent workers outlive loops)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None
 
 
 def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: int, pin: bool,
@@ -222,8 +248,3 @@ def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: in
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin, drop_last=drop_last, worker_init_fn=_worker_init,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
-
-
-def epochs_for(max_iters: int, steps_per_epoch: int) -> int:
-    """Number of (possibly partial) epochs ``max_iters`` steps touch."""
-    return math.ceil(max_iters / steps_per_epoch)

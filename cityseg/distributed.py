@@ -6,7 +6,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,8 @@ class DistContext:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    #: A gloo group for small host-side control messages (stop flags), kept off the GPU stream.
+    control_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -53,12 +55,30 @@ def init(device: str = "auto") -> DistContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=30), **kwargs)
-    return DistContext(rank=rank, local_rank=local_rank, world_size=world, device=dev)
+    control = None
+    if world > 1:
+        if not dist.is_initialized():
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+            kwargs: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
+            timeout = datetime.timedelta(minutes=30)
+            if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+                kwargs["store"] = _elastic_store(rank, world, timeout)
+            dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
+        control = dist.new_group(backend="gloo")
+    return DistContext(rank=rank, local_rank=local_rank, world_size=world, device=dev, control_group=control)
+
+
+def _elastic_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's store, with keys scoped to this restart attempt.
+
+    Under ``--max-restarts`` the agent keeps one store across attempts; without a per-attempt prefix the
+    restarted workers can read the gloo addresses of the workers they replace and fail to connect.
+    """
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_hosts, timeout=timeout,
+                          multi_tenant=not agent_hosts)
+    return dist.PrefixStore(f"cityseg/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def teardown() -> None:
@@ -92,6 +112,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_enabled():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Stack ``t`` from every rank along a new first dimension (``t[None]`` when running alone)."""
+    if not is_enabled():
+        return t[None]
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return torch.stack(out)
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

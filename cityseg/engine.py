@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -15,13 +14,21 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint as ckpt
 from . import distributed as du
 from .config import TrainConfig, save_yaml
-from .data import CityscapesDataset, TrainSampler, make_loader
-from .evaluation import amp_dtype, autocast, evaluate, val_loader
+from .data import CityscapesDataset, TrainSampler, make_loader, shutdown
+from .errors import UserError
+from .evaluation import Predictor, amp_dtype, autocast, evaluate, make_pictures, val_loader
 from .labels import IGNORE_INDEX
 from .logger import RunLogger, resolve_wandb_mode
 from .model import build_model
+from .signals import StopFlag, name
 from .syncbn import convert_sync_batchnorm
 from .transforms import TrainTransform, to_input, to_target
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite; the run stops before writing a checkpoint."""
+
+    collective = True
 
 
 def lr_factor(it: int, cfg: TrainConfig) -> float:
@@ -62,8 +69,8 @@ def build_model_for(cfg: TrainConfig, ctx: du.DistContext) -> tuple[nn.Module, n
 class Trainer:
     """Owns the state of one run; ``fit()`` trains from wherever the state stands to ``max_iters``."""
 
-    def __init__(self, cfg: TrainConfig, ctx: du.DistContext):
-        self.cfg, self.ctx = cfg, ctx
+    def __init__(self, cfg: TrainConfig, ctx: du.DistContext, stop: StopFlag):
+        self.cfg, self.ctx, self.stop = cfg, ctx, stop
         self.out = Path(cfg.out_dir)
         self.channels_last = ctx.device.type == "cuda"
         self.dtype = amp_dtype(cfg.amp, ctx.device)
@@ -72,25 +79,32 @@ class Trainer:
         self.sampler = TrainSampler(len(train_set), cfg.batch_size, ctx.world_size, ctx.rank, cfg.seed)
         pin = ctx.device.type == "cuda"
         self.loader = make_loader(train_set, self.sampler, cfg.batch_size, cfg.workers, pin, drop_last=True)
-        self.val, _ = val_loader(cfg.data_root, cfg.val_split, ctx, min(cfg.workers, 2), cfg.max_val_images)
+        self.val, self.val_set = val_loader(cfg.data_root, cfg.val_split, ctx, min(cfg.workers, 2),
+                                            cfg.max_val_images)
         self.model, self.ddp = build_model_for(cfg, ctx)
+        self.predictor = Predictor(self.model, ctx.device, self.dtype, self.channels_last)
         self.optimizer = build_optimizer(cfg, self.model, ctx.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(it, cfg))
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
-        self.iteration, self.best_miou, self.wandb_id = 0, -1.0, None
+        self.iteration, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.best_miou, self.wandb_id, self.stopped_by = -1.0, None, 0
+        self.window = _Window(ctx.device)
         self.log = RunLogger(self.out, ctx.is_main)
 
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue this run."""
+        """Everything needed to continue this run exactly (collective: every rank must call it)."""
         return {
             "model": ckpt.model_state(self.model),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "iteration": self.iteration,
-            "epoch": self.iteration // self.sampler.steps_per_epoch,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_batch": self.sampler.global_batch,
             "world_size": self.ctx.world_size,
+            "log_window": du.all_gather_tensor(self.window.sums).cpu(),
             "best_miou": self.best_miou,
             "config": self.cfg.to_dict(),
             "rng": ckpt.rng_state(),
@@ -98,36 +112,72 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a checkpoint written by :meth:`state_dict`."""
+        """Continue from a checkpoint written by :meth:`state_dict`, on any number of processes."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.iteration = int(state["iteration"])
-        self.best_miou = float(state["best_miou"])
-        self.wandb_id = state.get("wandb_id")
+        self.iteration, self.epoch = int(state["iteration"]), int(state["epoch"])
+        self.best_miou, self.wandb_id = float(state["best_miou"]), state.get("wandb_id")
         ckpt.set_rng_state(state["rng"])
+        window = state["log_window"].to(self.ctx.device)
+        if state["global_batch"] == self.sampler.global_batch and len(window) == self.ctx.world_size:
+            self.step_in_epoch = int(state["step_in_epoch"])
+            self.window.sums.copy_(window[self.ctx.rank])
+        else:  # another global batch: continue the epoch at the first global batch not yet fully seen
+            seen = int(state["step_in_epoch"]) * int(state["global_batch"])
+            self.step_in_epoch = seen // self.sampler.global_batch
+            self.window.sums.copy_(window.sum(0) if self.ctx.is_main else torch.zeros_like(window[0]))
+            self.log.info(f"global batch changed from {state['global_batch']} ({state['world_size']} processes) "
+                          f"to {self.sampler.global_batch}; continuing epoch {self.epoch} at sample "
+                          f"{self.step_in_epoch * self.sampler.global_batch} of its order")
+        if self.step_in_epoch >= self.sampler.steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.window.step.fill_(self.iteration)
 
     def resume(self) -> None:
-        """Continue from ``OUT/last.pt`` when it exists."""
-        path = self.out / ckpt.LAST
-        if not path.is_file():
+        """Continue from the newest readable checkpoint in the out dir (``last.pt`` first), if any."""
+        found: Any = None
+        if self.ctx.is_main:
+            ckpt.remove_stale_temps(self.out)
+            try:
+                hit = ckpt.find_resumable(self.out, self.log.info)
+                found = str(hit[0]) if hit else None
+            except ckpt.CheckpointError as e:
+                found = e
+        found = du.broadcast_object(found)
+        if isinstance(found, ckpt.CheckpointError):
+            raise found
+        if found is None:
             return
-        state = ckpt.load(path, map_location=self.ctx.device)
-        ckpt.check_compatible(state.get("config", {}), self.cfg.to_dict(), path)
+        state = ckpt.load(found)
+        ckpt.check_compatible(state["config"], self.cfg.to_dict(), Path(found))
+        changed = {k: v for k, v in self.cfg.to_dict().items() if state["config"].get(k) != v}
+        if changed:
+            self.log.info("config changed since the checkpoint: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()))
         self.load_state_dict(state)
-        self.log.info(f"Resumed from {path} at iteration {self.iteration}")
+        self.log.rewind(self.iteration)
+        self.log.info(f"Resumed from {found} at iteration {self.iteration}")
 
-    def save(self, name: str) -> None:
-        """Rank 0 writes ``OUT/name`` atomically, then every rank waits for it."""
+    def save_periodic(self) -> None:
+        """Rank 0 writes ``ckpt_<it>.pt`` and points ``last.pt`` at it; every rank waits for it."""
+        self._check_finite(weights=True)
         state = self.state_dict()
         if self.ctx.is_main:
-            ckpt.save(state, self.out / name)
+            ckpt.save_periodic(state, self.out, self.cfg.keep_ckpts)
+        du.barrier()
+
+    def save_best(self) -> None:
+        """Rank 0 writes ``best.pt``; every rank waits for it."""
+        self._check_finite(weights=True)
+        state = self.state_dict()
+        if self.ctx.is_main:
+            ckpt.save(state, self.out / ckpt.BEST)
         du.barrier()
 
     # -- loop ------------------------------------------------------------------------------------------
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; returns this rank's summed loss and valid-pixel count (device tensors)."""
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One optimizer step; the loss stays on the device (accumulated for the next log interval)."""
         x = to_input(images, self.ctx.device, self.channels_last)
         y = to_target(labels, self.ctx.device)
         with autocast(self.ctx.device, self.dtype):
@@ -143,51 +193,72 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return loss_sum.detach(), valid
+        self.window.add(loss_sum.detach(), valid, images.shape[0])
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``max_iters``, evaluating and checkpointing on the way."""
-        cfg = self.cfg
+        """Train to ``max_iters`` (or until a stop signal), evaluating and checkpointing on the way."""
         self._start_logging()
-        window = _Window(self.ctx.device)
-        while self.iteration < cfg.max_iters:
-            epoch, step = divmod(self.iteration, self.sampler.steps_per_epoch)
-            self.sampler.set_epoch(epoch, step)
+        while self.iteration < self.cfg.max_iters and not self.stopped_by:
+            self.sampler.set_epoch(self.epoch, self.step_in_epoch)
             for images, labels, _ in self.loader:
-                window.add(*self.train_step(images, labels), images.shape[0])
+                self.train_step(images, labels)
                 self.iteration += 1
+                self.step_in_epoch += 1
+                if self.step_in_epoch == self.sampler.steps_per_epoch:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 self.log.advance()
-                self._after_step(window)
-                if self.iteration >= cfg.max_iters:
+                self._after_step()
+                if self.iteration >= self.cfg.max_iters or self.stopped_by:
                     break
+        self.stop.drain()
         return self._finish()
 
-    def _after_step(self, window: "_Window") -> None:
+    def _after_step(self) -> None:
         cfg, it = self.cfg, self.iteration
         last = it >= cfg.max_iters
         if it % cfg.log_every == 0 or last:
-            self._log_train(window)
+            self._log_train()
         if (cfg.eval_every and it % cfg.eval_every == 0) or last:
             self._evaluate()
-        if (cfg.ckpt_every and it % cfg.ckpt_every == 0) or last:
-            self.save(ckpt.LAST)
+        self.stopped_by = self.stop.poll()
+        if (cfg.ckpt_every and it % cfg.ckpt_every == 0) or last or self.stopped_by:
+            self.save_periodic()
 
-    def _log_train(self, window: "_Window") -> None:
-        loss, imgs_per_s = window.flush(self.ctx.world_size)  # the only host sync of the loop
-        if not math.isfinite(loss):
-            self.log.info(f"warning: non-finite loss {loss} at iteration {self.iteration}")
+    def _check_finite(self, weights: bool = False) -> None:
+        """Stop (all ranks together) if a loss since the last check, or with ``weights`` a parameter or
+        buffer, is NaN/inf. With fp16 the GradScaler skips such steps instead."""
+        if self.dtype == torch.float16:
+            return
+        first = self.window.first_bad.clone()
+        first = torch.where(first < 0, torch.full_like(first, float("inf")), first)
+        if du.is_enabled():
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        what = f"the training loss became non-finite at iteration {int(first)}" if torch.isfinite(first) else ""
+        if not what and weights:
+            tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+            if not torch.stack([torch.isfinite(t).all() for t in tensors]).all():  # same on every rank
+                what = f"the weights became non-finite by iteration {self.iteration}"
+        if what:
+            last = ckpt.periodic(self.out)
+            kept = f"{self.out / ckpt.LAST} ({last[0].name})" if last else "none (no checkpoint was written yet)"
+            raise NonFiniteLossError(f"{what}; stopped without writing a checkpoint, the last one is {kept}. "
+                                     f"Lower --lr, check the data, or train with --amp fp16.")
+
+    def _log_train(self) -> None:
+        self._check_finite()
+        loss, imgs_per_s, step_time = self.window.flush(self.ctx.world_size)  # the only host sync of the loop
         lr = self.optimizer.param_groups[0]["lr"]
-        record = {"train/loss": loss, "train/lr": lr, "train/images_per_s": imgs_per_s,
-                  "train/epoch": self.iteration / self.sampler.steps_per_epoch}
-        self.log.log(self.iteration, record)
-        eta = (self.cfg.max_iters - self.iteration) * window.last_step_time
+        self.log.log(self.iteration, {"train/loss": loss, "train/lr": lr, "train/images_per_s": imgs_per_s,
+                                      "train/epoch": self.epoch + self.step_in_epoch / self.sampler.steps_per_epoch})
+        eta = (self.cfg.max_iters - self.iteration) * step_time
         self.log.report(f"it {self.iteration}/{self.cfg.max_iters} loss {loss:.4f} lr {lr:.3e} "
                         f"{imgs_per_s:.1f} img/s eta {_hms(eta)}",
                         loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{imgs_per_s:.1f}")
 
     def _evaluate(self) -> None:
         t0 = time.perf_counter()
-        result = evaluate(self.model, self.val, self.ctx.device, self.dtype, self.channels_last).compute()
+        cm = evaluate(self.predictor, self.val)
+        result = cm.compute()
         miou = result["miou"] if result["miou"] is not None else 0.0
         is_best = miou > self.best_miou
         if is_best:
@@ -197,8 +268,13 @@ class Trainer:
                                       **{f"val/iou/{k}": v for k, v in result["iou"].items() if v is not None}})
         self.log.info(f"it {self.iteration}: val mIoU {100 * miou:.2f}% (best {100 * self.best_miou:.2f}%, "
                       f"{time.perf_counter() - t0:.1f}s)")
+        if self.ctx.is_main and self.cfg.num_pictures:
+            count = min(self.cfg.num_pictures, self.cfg.max_val_images or self.cfg.num_pictures)
+            pictures = make_pictures(self.predictor, self.val_set, result, cm.mat.cpu().numpy(), count)
+            pictures.save(self.out / "pictures" / f"iter_{self.iteration:08d}")
+            self.log.log_pictures(self.iteration, "val", pictures)
         if is_best:
-            self.save(ckpt.BEST)
+            self.save_best()
 
     def _start_logging(self) -> None:
         cfg = self.cfg
@@ -210,40 +286,47 @@ class Trainer:
         self.wandb_id = du.broadcast_object(self.wandb_id)
         self.log.open_bar(cfg.max_iters, self.iteration)
         self.log.info(f"training {cfg.max_iters} iterations on {self.ctx.world_size} x {self.ctx.device.type} "
-                      f"(global batch {cfg.batch_size * self.ctx.world_size}, "
-                      f"{self.sampler.steps_per_epoch} iterations per epoch) -> {self.out}")
+                      f"(global batch {self.sampler.global_batch}, {self.sampler.steps_per_epoch} iterations "
+                      f"per epoch) -> {self.out}")
 
     def _finish(self) -> dict[str, Any]:
-        self.log.info(f"done: {self.iteration} iterations, best val mIoU {100 * max(self.best_miou, 0):.2f}%")
+        result = {"iteration": self.iteration, "best_miou": self.best_miou, "stopped_by": self.stopped_by}
+        if self.stopped_by:
+            self.log.info(f"Stopped by {name(self.stopped_by)} at iteration {self.iteration}; saved "
+                          f"{self.out / ckpt.LAST}. Run the same command to resume.")
+        else:
+            self.log.info(f"done: {self.iteration} iterations, best val mIoU {100 * max(self.best_miou, 0):.2f}%")
         self.log.close()
-        return {"iteration": self.iteration, "best_miou": self.best_miou}
+        return result
 
 
 class _Window:
     """Loss and pixel sums kept on the device between log intervals, so steps never wait for the host."""
 
     def __init__(self, device: torch.device):
-        self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.pixels = torch.zeros((), dtype=torch.float64, device=device)
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, valid pixels
+        self.first_bad = torch.full((), -1.0, dtype=torch.float64, device=device)  # first non-finite step
+        self.step = torch.zeros((), dtype=torch.float64, device=device)  # device-side step counter
         self.images, self.steps, self.t0 = 0, 0, time.perf_counter()
-        self.last_step_time = 0.0
 
     def add(self, loss_sum: torch.Tensor, valid: torch.Tensor, images: int) -> None:
-        self.loss += loss_sum
-        self.pixels += valid
+        """Accumulate one step (device ops only)."""
+        self.step += 1
+        self.sums[0] += loss_sum
+        self.sums[1] += valid
+        bad = ~torch.isfinite(loss_sum) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, self.step, self.first_bad)
         self.images += images
         self.steps += 1
 
-    def flush(self, world_size: int) -> tuple[float, float]:
-        """Global mean loss per valid pixel and images/s since the last flush; resets the window."""
-        both = du.all_reduce_sum(torch.stack([self.loss, self.pixels]))
-        loss, pixels = both.tolist()
+    def flush(self, world_size: int) -> tuple[float, float, float]:
+        """Global loss per valid pixel, images/s and seconds per step since the last flush; resets."""
+        loss, pixels = du.all_reduce_sum(self.sums.clone()).tolist()
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        rate = self.images * world_size / elapsed
-        self.last_step_time = elapsed / max(self.steps, 1)
-        self.loss.zero_(), self.pixels.zero_()
+        rate, step_time = self.images * world_size / elapsed, elapsed / max(self.steps, 1)
+        self.sums.zero_()
         self.images, self.steps, self.t0 = 0, 0, time.perf_counter()
-        return loss / max(pixels, 1.0), rate
+        return loss / max(pixels, 1.0), rate, step_time
 
 
 def _hms(seconds: float) -> str:
@@ -254,10 +337,14 @@ def _hms(seconds: float) -> str:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the training a config describes: set up distributed, resume, loop, tear down."""
     with du.session(cfg.device) as ctx:
+        stop = StopFlag(ctx.control_group).install()
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        trainer = Trainer(cfg, ctx)
+        trainer = Trainer(cfg, ctx, stop)
         try:
             trainer.resume()
             return trainer.fit()
         finally:
+            shutdown(trainer.loader)
+            shutdown(trainer.val)
             trainer.log.close()
+            stop.restore()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import Iterator
 
 
 class UserError(Exception):
     """Something the user can fix (a path, a file, a flag); the message says what and how."""
+
+    #: True when every rank raises the same error together; then only rank 0 prints it.
+    collective = False
 
 
 def one_line(exc: BaseException) -> str:
@@ -26,5 +30,6 @@ def report_user_errors() -> Iterator[None]:
     try:
         yield
     except UserError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        if not e.collective or os.environ.get("RANK", "0") == "0":
+            print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -13,6 +13,8 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
+from .labels import CLASS_NAMES, IGNORE_INDEX
+
 
 def wandb_logged_in() -> bool:
     """True when an API key is configured (env or netrc); the key itself is never read out or logged."""
@@ -39,7 +41,7 @@ def resolve_wandb_mode(mode: str) -> str:
 class RunLogger:
     """Everything a run reports. Only the main rank writes; other ranks get a logger that does nothing."""
 
-    def __init__(self, out_dir: str | Path, enabled: bool):
+    def __init__(self, out_dir: str | Path, enabled: bool, metrics_file: str = "metrics.jsonl"):
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self.wandb_run = None
@@ -48,7 +50,8 @@ class RunLogger:
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
+        self.metrics_path = self.out_dir / metrics_file
+        self.metrics = open(self.metrics_path, "a", buffering=1)
         self.text = open(self.out_dir / "train.log", "a", buffering=1)
 
     def open_bar(self, total: int, initial: int) -> None:
@@ -66,7 +69,7 @@ class RunLogger:
         self.text.write(f"{stamp} {message}\n")
 
     def start_wandb(self, mode: str, config: dict[str, Any], run_id: str | None, project: str,
-                    entity: str, name: str) -> str | None:
+                    entity: str, name: str, job_type: str = "train") -> str | None:
         """Start (or continue, when ``run_id`` is given) the W&B run; returns its id."""
         if not self.enabled or mode == "off":
             return run_id
@@ -74,6 +77,7 @@ class RunLogger:
 
         self.wandb_run = wandb.init(project=project, entity=entity or None, name=name or None, id=run_id,
                                     resume="allow", mode=mode, dir=str(self.out_dir), config=config,
+                                    job_type=job_type,
                                     settings=wandb.Settings(console="off", silent=True))
         self.info(f"W&B run {self.wandb_run.id} ({mode})")
         return self.wandb_run.id
@@ -85,6 +89,36 @@ class RunLogger:
         self.metrics.write(json.dumps({"iteration": step, **values}) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(values, step=step)
+
+    def log_pictures(self, step: int, prefix: str, pictures: Any) -> None:
+        """Send :class:`~cityseg.evaluation.Pictures` to W&B: predictions as segmentation masks with class
+        labels, the IoU bars and the confusion heatmap."""
+        if not self.enabled or self.wandb_run is None:
+            return
+        import wandb
+
+        class_labels = {i: n for i, n in enumerate(CLASS_NAMES)} | {IGNORE_INDEX: "ignore"}
+        images = [wandb.Image(image, caption=name, masks={
+            "prediction": {"mask_data": pred, "class_labels": class_labels},
+            "ground_truth": {"mask_data": gt, "class_labels": class_labels}})
+            for name, image, gt, pred in pictures.samples]
+        self.wandb_run.log({f"{prefix}/predictions": images,
+                            f"{prefix}/iou_per_class": wandb.Image(pictures.bars),
+                            f"{prefix}/confusion_matrix": wandb.Image(pictures.heatmap)}, step=step)
+
+    def rewind(self, iteration: int) -> None:
+        """Drop ``metrics.jsonl`` records after ``iteration`` (logged by a run that died before its next
+        checkpoint), so a resumed run's file reads as if it had never stopped."""
+        if not self.enabled:
+            return
+        path = self.metrics_path
+        self.metrics.close()
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        self.metrics = open(path, "a", buffering=1)
 
     def advance(self) -> None:
         """Move the progress bar one iteration (a host-side counter: no device sync)."""

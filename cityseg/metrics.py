@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from . import distributed as du
-from .labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+from .labels import CATEGORY_NAMES, CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, TRAIN_LABELS
 
 
 class ConfusionMatrix:
@@ -36,29 +36,46 @@ class ConfusionMatrix:
         return scores(self.mat.cpu().numpy())
 
 
+def _iou(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    tp = np.diag(mat)
+    gt = mat.sum(axis=1)
+    union = gt + mat.sum(axis=0) - tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, tp / union, np.nan), np.where(gt > 0, tp / gt, np.nan)
+
+
+def category_matrix(mat: np.ndarray) -> np.ndarray:
+    """Fold the 19x19 class matrix into the 7x7 matrix of the Cityscapes categories (flat, ..., vehicle)."""
+    cat = np.array([CATEGORY_NAMES.index(lab.category) for lab in TRAIN_LABELS])
+    out = np.zeros((len(CATEGORY_NAMES), len(CATEGORY_NAMES)), dtype=mat.dtype)
+    np.add.at(out, (cat[:, None], cat[None, :]), mat)
+    return out
+
+
 def scores(mat: np.ndarray, names: tuple[str, ...] = CLASS_NAMES) -> dict[str, Any]:
     """Per-class IoU, mIoU, pixel accuracy and mean class accuracy by the official Cityscapes rules.
 
     A class with neither ground truth nor prediction has IoU ``None`` and is left out of the mean; a class
-    that is predicted but absent from the ground truth has IoU 0.
+    that is predicted but absent from the ground truth has IoU 0. For the 19 Cityscapes classes the
+    category IoU (flat, construction, object, nature, sky, human, vehicle) is reported too, as the official
+    script does.
     """
     mat = mat.astype(np.float64)
-    tp = np.diag(mat)
-    gt = mat.sum(axis=1)
-    pred = mat.sum(axis=0)
-    union = gt + pred - tp
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, tp / union, np.nan)
-        acc = np.where(gt > 0, tp / gt, np.nan)
+    iou, acc = _iou(mat)
     total = mat.sum()
-    return {
+    result = {
         "miou": _nanmean(iou),
         "iou": {name: _num(v) for name, v in zip(names, iou)},
-        "pixel_acc": float(tp.sum() / total) if total > 0 else None,
+        "pixel_acc": float(np.diag(mat).sum() / total) if total > 0 else None,
         "mean_acc": _nanmean(acc),
         "acc": {name: _num(v) for name, v in zip(names, acc)},
         "num_pixels": int(total),
     }
+    if tuple(names) == CLASS_NAMES:
+        cat_iou, _ = _iou(category_matrix(mat))
+        result["category_miou"] = _nanmean(cat_iou)
+        result["category_iou"] = {name: _num(v) for name, v in zip(CATEGORY_NAMES, cat_iou)}
+    return result
 
 
 def _nanmean(v: np.ndarray) -> float | None:
@@ -79,6 +96,11 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"{'mIoU':<16}{_pct(result['miou']):>8}")
     lines.append(f"{'pixel acc':<16}{_pct(result['pixel_acc']):>8}")
     lines.append(f"{'mean class acc':<16}{_pct(result['mean_acc']):>8}")
+    if "category_iou" in result:
+        lines.append("-" * 32)
+        lines.append(f"{'category':<16}{'IoU':>8}")
+        lines += [f"{name:<16}{_pct(v):>8}" for name, v in result["category_iou"].items()]
+        lines.append(f"{'category mIoU':<16}{_pct(result['category_miou']):>8}")
     return "\n".join(lines)
 
 

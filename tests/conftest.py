@@ -42,15 +42,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_script(script: str, args: list[str], nproc: int = 0, timeout: float = 300,
-               check: bool = True) -> subprocess.CompletedProcess:
-    """Run train.py/evaluate.py with plain python (nproc=0) or under torchrun with ``nproc`` processes."""
+def script_command(script: str, args: list[str], nproc: int = 0, max_restarts: int = 0) -> tuple[list, dict]:
+    """Command and environment for train.py/evaluate.py: plain python (nproc=0) or torchrun."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", script, *args]
+               f"--max-restarts={max_restarts}", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{free_port()}", script, *args]
     else:
         cmd = [sys.executable, script, *args]
+    return cmd, env
+
+
+def run_script(script: str, args: list[str], nproc: int = 0, timeout: float = 300,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run train.py/evaluate.py to completion and return its output."""
+    cmd, env = script_command(script, args, nproc)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")

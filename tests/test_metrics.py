@@ -64,3 +64,18 @@ def test_update_matches_numpy_reference(seed):
     ref = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
     np.add.at(ref, (target[target != 255], pred[target != 255]), 1)
     np.testing.assert_array_equal(cm.mat.numpy(), ref)
+
+
+def test_category_iou_folds_classes_into_categories():
+    mat = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    mat[0, 0] = 4   # road -> road
+    mat[1, 0] = 2   # sidewalk -> road: wrong class, right category (flat)
+    mat[13, 14] = 3  # car -> truck: right category (vehicle)
+    mat[10, 0] = 1  # sky -> road: wrong category
+    r = scores(mat)
+    assert r["category_iou"]["flat"] == 6 / 7       # tp 6, fp 1 (the sky pixel)
+    assert r["category_iou"]["vehicle"] == 1.0
+    assert r["category_iou"]["sky"] == 0.0          # ground truth present, never predicted
+    assert r["category_iou"]["human"] is None       # neither
+    assert math.isclose(r["category_miou"], (6 / 7 + 1.0 + 0.0) / 3)
+    assert list(r["category_iou"]) == ["flat", "construction", "object", "nature", "sky", "human", "vehicle"]

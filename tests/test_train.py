@@ -65,6 +65,10 @@ def test_torchrun_train_stop_resume_evaluate(synthetic_root, tmp_path):
     assert {k: v for k, v in run["config"].items() if k != "_wandb"} == saved and saved["max_iters"] == 6
     logged = [step for step, row in run["history"] if "train/loss" in row]
     assert logged == [1, 2, 3, 4, 5, 6]
+    # each periodic evaluation draws pictures of the first val images, on disk and in W&B
+    assert [p.name for p in sorted((out / "pictures").iterdir())] == [f"iter_0000000{i}" for i in (2, 4, 6)]
+    assert len(list((out / "pictures" / "iter_00000002").glob("*_panel.png"))) == 4
+    assert [step for step, row in run["history"] if "val/predictions/_type" in row] == [2, 4, 6]
     ev = run_script("evaluate.py", ["--checkpoint", str(out / "last.pt"), "--data-root", str(synthetic_root),
                                     "--workers", "1", "--device", "cpu"], nproc=2)
     metrics = json.loads((out / "metrics.json").read_text())

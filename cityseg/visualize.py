@@ -1,0 +1,101 @@
+"""Pictures of predictions: image | ground truth | prediction | errors panels, IoU bars, confusion heatmap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, colorize
+
+ERROR_RGB = (255, 0, 0)
+
+
+def error_map(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """RGB: red where the prediction is wrong, grey where right, black where the ground truth is ignored."""
+    out = np.full(gt.shape + (3,), 96, np.uint8)
+    out[(pred != gt) & (gt != IGNORE_INDEX)] = ERROR_RGB
+    out[gt == IGNORE_INDEX] = 0
+    return out
+
+
+def overlay(image: np.ndarray, pred: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The image blended with its prediction in the Cityscapes palette."""
+    return cv2.addWeighted(image, 1 - alpha, colorize(pred), alpha, 0)
+
+
+def _titled(rgb: np.ndarray, title: str) -> np.ndarray:
+    bar_h = max(18, rgb.shape[0] // 16)
+    bar = np.full((bar_h, rgb.shape[1], 3), 255, np.uint8)
+    scale = bar_h / 30
+    cv2.putText(bar, title, (4, int(bar_h * 0.75)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0),
+                max(1, int(round(scale * 1.5))), cv2.LINE_AA)
+    return np.concatenate([bar, rgb], axis=0)
+
+
+def panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """A 2x2 RGB panel: image, ground truth, prediction (Cityscapes palette) and errors."""
+    tiles = [_titled(image, "image"), _titled(colorize(gt), "ground truth"),
+             _titled(colorize(pred), "prediction"), _titled(error_map(gt, pred), "errors (red)")]
+    return np.concatenate([np.concatenate(tiles[:2], 1), np.concatenate(tiles[2:], 1)], 0)
+
+
+def write_rgb(path: str | Path, rgb: np.ndarray) -> None:
+    """Write an RGB array as PNG."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write {path}")
+
+
+def _figure_rgb(fig: Any) -> np.ndarray:
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return rgb
+
+
+def iou_bars(result: dict[str, Any]) -> np.ndarray:
+    """Horizontal bar chart of per-class IoU (classes without ground truth or prediction are marked n/a)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["iou"])
+    values = [v if v is not None else 0.0 for v in result["iou"].values()]
+    colors = [tuple(c / 255 for c in rgb) for rgb in colorize(np.arange(NUM_CLASSES, dtype=np.uint8)[None])[0]]
+    fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
+    ax.barh(range(len(names)), [100 * v for v in values], color=colors, edgecolor="black", linewidth=0.5)
+    ax.set_yticks(range(len(names)), [n if result["iou"][n] is not None else f"{n} (n/a)" for n in names])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    miou = result["miou"]
+    ax.set_xlabel("IoU (%)")
+    ax.set_title(f"per-class IoU, mIoU {100 * miou:.2f}%" if miou is not None else "per-class IoU")
+    fig.tight_layout()
+    return _figure_rgb(fig)
+
+
+def confusion_heatmap(mat: np.ndarray, names: tuple[str, ...] = CLASS_NAMES) -> np.ndarray:
+    """Row-normalised confusion matrix (rows: ground truth, columns: prediction) with class names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = mat.sum(axis=1, keepdims=True).astype(np.float64)
+    norm = np.divide(mat, rows, out=np.zeros_like(mat, dtype=np.float64), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(8, 7), dpi=100)
+    im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    ax.set_title("confusion matrix (row-normalised)")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return _figure_rgb(fig)
