@@ -49,11 +49,18 @@ def resolve_device(kind: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _launch_env() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from torchrun/submitit variables, else from an srun step whose
+    script exported MASTER_ADDR and MASTER_PORT (slurm/train.sbatch), else a single process."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_STEP_NUM_TASKS" in env and "MASTER_ADDR" in env and "MASTER_PORT" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_STEP_NUM_TASKS"])
+    return int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+
+
 def init(device: str = "auto") -> DistContext:
     """Join the process group described by torchrun/SLURM-style env variables, or run alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank, world = _launch_env()
     dev = resolve_device(device, local_rank)
     control = None
     if world > 1:
