@@ -41,6 +41,8 @@ class TrainConfig:
     data_root: str = option("", "Cityscapes root (holding leftImg8bit/ and gtFine/, or the *_trainvaltest wrappers).")
     train_split: str = option("train", "Split to train on.")
     val_split: str = option("val", "Split evaluated every --eval-every iterations.")
+    cache_dir: str = option("", "Decoded memory-mapped cache from `python -m cityseg.prepare`, used for the "
+                                "splits it holds; empty = DATA_ROOT/cityseg_cache, none = always read PNGs.")
     crop_size: str = option("512x1024", "Training crop as HxW.")
     scale_min: float = option(0.5, "Smallest random rescale factor of the training augmentation.")
     scale_max: float = option(2.0, "Largest random rescale factor of the training augmentation.")
@@ -50,6 +52,9 @@ class TrainConfig:
     width: int = option(64, "U-Net base width; 64 gives the classic 31M-parameter net.")
     # optimisation
     max_iters: int = option(160_000, "Total training iterations (optimizer steps).")
+    accum_steps: int = option(1, "Micro-batches per optimizer step (gradient accumulation; DDP all-reduces "
+                                 "only on the last). The global batch is batch-size x processes x accum-steps.")
+    compile: bool = option(False, "torch.compile the model (slower start, faster steps on GPUs).")
     optimizer: str = option("sgd", "Optimizer.", ("sgd", "adamw"))
     lr: float = option(0.01, "Peak learning rate, reached after warmup and then decayed by the poly schedule.")
     momentum: float = option(0.9, "SGD momentum (AdamW beta1 is fixed at 0.9).")
@@ -80,7 +85,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         parse_hw(self.crop_size)
-        for name in ("batch_size", "width", "max_iters", "log_every", "keep_ckpts"):
+        for name in ("batch_size", "width", "max_iters", "log_every", "keep_ckpts", "accum_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
         for name in ("workers", "eval_every", "ckpt_every", "warmup_iters", "max_val_images", "num_pictures"):

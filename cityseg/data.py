@@ -129,19 +129,31 @@ Transform = Callable[[np.ndarray, np.ndarray, int, int], "tuple[np.ndarray, np.n
 
 
 class CityscapesDataset(Dataset):
-    """A Cityscapes split. Keys are ``index`` or ``(epoch, index)``; the latter seeds the augmentation."""
+    """A Cityscapes split. Keys are ``index`` or ``(epoch, index)``; the latter seeds the augmentation.
 
-    def __init__(self, root: str | Path, split: str, transform: Transform | None = None, labels: bool = True):
+    When ``python -m cityseg.prepare`` has decoded the split into ``cache_dir`` (default
+    ``ROOT/cityseg_cache``; ``"none"`` disables it), pixels come from that memory map instead of PNGs.
+    """
+
+    def __init__(self, root: str | Path, split: str, transform: Transform | None = None, labels: bool = True,
+                 cache_dir: str | Path | None = None):
         self.samples = list_samples(root, split, labels=labels)
         self.split = split
         self.transform = transform
         self.labels = labels
+        self.cache = None
+        if labels and str(cache_dir) != "none":
+            from .prepare import default_cache_dir, find_cache  # prepare imports this module
+
+            self.cache = find_cache(cache_dir or default_cache_dir(root), split, self.samples)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Read image and trainId label of one sample, checking that their sizes match."""
+        if self.cache is not None:
+            return self.cache.load(index)
         s = self.samples[index]
         image = read_image(s.image)
         if s.label is None or not self.labels:
@@ -157,7 +169,8 @@ class CityscapesDataset(Dataset):
         image, label = self.load(index)
         if self.transform is not None:
             image, label = self.transform(image, label, epoch, index)
-        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(label)), index
+        image, label = (a if a.flags.writeable and a.flags.c_contiguous else np.array(a) for a in (image, label))
+        return torch.from_numpy(image), torch.from_numpy(label), index
 
 
 class TrainSampler(Sampler):
@@ -218,8 +231,13 @@ class ShardSampler(Sampler):
 WORKER_TERM_GRACE_S = 30.0
 
 
+# OpenCV runs single-threaded in every cityseg process: DataLoader workers are the parallelism. This must
+# hold before the first OpenCV call: a forked worker that inherits a started OpenCV thread pool and then
+# reconfigures it deadlocks.
+cv2.setNumThreads(1)
+
+
 def _worker_init(_: int) -> None:
-    cv2.setNumThreads(1)  # DataLoader workers already parallelise; OpenCV threads would oversubscribe
     # SLURM and terminals signal every process of a job, workers included. The training process decides when
     # to stop, and its workers must keep serving batches until it has finished its step and saved; it then
     # shuts them down through their queues. A SIGTERM therefore only starts a grace timer here.

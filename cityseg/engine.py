@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -75,13 +76,15 @@ class Trainer:
         self.channels_last = ctx.device.type == "cuda"
         self.dtype = amp_dtype(cfg.amp, ctx.device)
         train_set = CityscapesDataset(cfg.data_root, cfg.train_split,
-                                      TrainTransform(cfg.crop_hw, (cfg.scale_min, cfg.scale_max), cfg.seed))
+                                      TrainTransform(cfg.crop_hw, (cfg.scale_min, cfg.scale_max), cfg.seed),
+                                      cache_dir=cfg.cache_dir or None)
         self.sampler = TrainSampler(len(train_set), cfg.batch_size, ctx.world_size, ctx.rank, cfg.seed)
         pin = ctx.device.type == "cuda"
         self.loader = make_loader(train_set, self.sampler, cfg.batch_size, cfg.workers, pin, drop_last=True)
         self.val, self.val_set = val_loader(cfg.data_root, cfg.val_split, ctx, min(cfg.workers, 2),
                                             cfg.max_val_images)
         self.model, self.ddp = build_model_for(cfg, ctx)
+        self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
         self.predictor = Predictor(self.model, ctx.device, self.dtype, self.channels_last)
         self.optimizer = build_optimizer(cfg, self.model, ctx.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(it, cfg))
@@ -176,40 +179,52 @@ class Trainer:
         du.barrier()
 
     # -- loop ------------------------------------------------------------------------------------------
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """One optimizer step; the loss stays on the device (accumulated for the next log interval)."""
-        x = to_input(images, self.ctx.device, self.channels_last)
-        y = to_target(labels, self.ctx.device)
-        with autocast(self.ctx.device, self.dtype):
-            logits = self.ddp(x)
-        loss_sum = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX, reduction="sum")
-        valid = (y != IGNORE_INDEX).sum()
-        # Normalise by the valid pixels of the *global* batch; DDP averages gradients over ranks, hence the
-        # world-size factor. N processes x batch B then train the same weights as 1 process x batch N*B.
-        total = du.all_reduce_sum(valid.detach().to(torch.float32))
-        loss = loss_sum * (self.ctx.world_size / total.clamp_min(1.0))
+    def train_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One optimizer step over ``accum_steps`` micro-batches; no host sync (the loss stays on the device)."""
+        dev = self.ctx.device
+        targets = [to_target(labels, dev) for _, labels in micro]
+        # Normalise by the valid pixels of the *global* batch (all ranks, all micro-batches); DDP averages
+        # gradients over ranks, hence the world-size factor. N processes x batch B then train the same
+        # weights as 1 process x batch N*B.
+        valid = [(y != IGNORE_INDEX).sum() for y in targets]
+        total = du.all_reduce_sum(torch.stack(valid).sum().to(torch.float32))
+        scale = self.ctx.world_size / total.clamp_min(1.0)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        for k, ((images, _), y) in enumerate(zip(micro, targets)):
+            last = k == len(micro) - 1
+            sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
+            with sync:  # inner micro-steps skip DDP's gradient all-reduce
+                with autocast(dev, self.dtype):
+                    logits = self.forward(to_input(images, dev, self.channels_last))
+                loss_sum = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX, reduction="sum")
+                self.scaler.scale(loss_sum * scale).backward()
+            self.window.add(loss_sum.detach(), valid[k], images.shape[0])
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self.window.add(loss_sum.detach(), valid, images.shape[0])
+        self.window.end_step()
+
+    def micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The stream of this rank's batches across epochs, from the saved position on; the position is
+        advanced as each batch is handed out, so a checkpoint taken after a step resumes after it."""
+        while True:
+            self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+            for images, labels, _ in self.loader:
+                self.step_in_epoch += 1
+                if self.step_in_epoch == self.sampler.steps_per_epoch:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                yield images, labels
 
     def fit(self) -> dict[str, Any]:
         """Train to ``max_iters`` (or until a stop signal), evaluating and checkpointing on the way."""
         self._start_logging()
+        stream = self.micro_batches()
         while self.iteration < self.cfg.max_iters and not self.stopped_by:
-            self.sampler.set_epoch(self.epoch, self.step_in_epoch)
-            for images, labels, _ in self.loader:
-                self.train_step(images, labels)
-                self.iteration += 1
-                self.step_in_epoch += 1
-                if self.step_in_epoch == self.sampler.steps_per_epoch:
-                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                self.log.advance()
-                self._after_step()
-                if self.iteration >= self.cfg.max_iters or self.stopped_by:
-                    break
+            self.train_step([next(stream) for _ in range(self.cfg.accum_steps)])
+            self.iteration += 1
+            self.log.advance()
+            self._after_step()
+        stream.close()
         self.stop.drain()
         return self._finish()
 
@@ -286,8 +301,8 @@ class Trainer:
         self.wandb_id = du.broadcast_object(self.wandb_id)
         self.log.open_bar(cfg.max_iters, self.iteration)
         self.log.info(f"training {cfg.max_iters} iterations on {self.ctx.world_size} x {self.ctx.device.type} "
-                      f"(global batch {self.sampler.global_batch}, {self.sampler.steps_per_epoch} iterations "
-                      f"per epoch) -> {self.out}")
+                      f"(global batch {self.sampler.global_batch * cfg.accum_steps}, "
+                      f"{self.sampler.steps_per_epoch} batches per epoch) -> {self.out}")
 
     def _finish(self) -> dict[str, Any]:
         result = {"iteration": self.iteration, "best_miou": self.best_miou, "stopped_by": self.stopped_by}
@@ -310,13 +325,16 @@ class _Window:
         self.images, self.steps, self.t0 = 0, 0, time.perf_counter()
 
     def add(self, loss_sum: torch.Tensor, valid: torch.Tensor, images: int) -> None:
-        """Accumulate one step (device ops only)."""
-        self.step += 1
+        """Accumulate one micro-batch (device ops only)."""
         self.sums[0] += loss_sum
         self.sums[1] += valid
         bad = ~torch.isfinite(loss_sum) & (self.first_bad < 0)
-        self.first_bad = torch.where(bad, self.step, self.first_bad)
+        self.first_bad = torch.where(bad, self.step + 1, self.first_bad)
         self.images += images
+
+    def end_step(self) -> None:
+        """Close one optimizer step."""
+        self.step += 1
         self.steps += 1
 
     def flush(self, world_size: int) -> tuple[float, float, float]:

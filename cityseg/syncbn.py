@@ -35,33 +35,77 @@ def all_reduce_sum_autograd(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+    """Training-mode BatchNorm over the union of all ranks' batches, with native kernels for the heavy passes.
+
+    Forward: local per-channel sums of x and x^2 and the count, one all_reduce of them in fp64, then the
+    native (eval-mode) batch_norm kernel with the global statistics. Backward: the native eval-mode kernel
+    gives dy*w*invstd and the local sums of dy and dy*(x - mean); one all_reduce makes the sums global; the
+    input gradient w*invstd*(dy - mean(dy) - xhat*mean(dy*xhat)) then takes three more passes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):  # type: ignore[override]
+        c = x.shape[1]
+        n = x.numel() // c
+        # local sums in one cheap pass each (torch.var_mean is several times slower on CPU), kept in fp64
+        stats = torch.cat([x.sum(dim=(0, 2, 3), dtype=torch.float64),
+                           (x * x).sum(dim=(0, 2, 3), dtype=torch.float64),
+                           torch.full((1,), float(n), dtype=torch.float64, device=x.device)])
+        if _distributed():
+            dist.all_reduce(stats)
+        total = stats[-1]
+        mean = stats[:c] / total
+        var = (stats[c:2 * c] / total - mean * mean).clamp_min(0)
+        mean_f, var_f = mean.to(x.dtype), var.to(x.dtype)
+        y = torch.batch_norm(x, weight, bias, mean_f, var_f, False, 0.0, eps, False)
+        ctx.save_for_backward(x, weight, mean_f, var_f)
+        ctx.eps, ctx.total = eps, float(total)
+        return y, mean, var, total
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar, _dtotal):  # type: ignore[override]
+        x, weight, mean, var = ctx.saved_tensors
+        c = x.shape[1]
+        invstd = torch.rsqrt(var + ctx.eps)
+        w = weight if weight is not None else torch.ones_like(mean)
+        # eval-mode native backward, one pass: dx_eval = dy * w * invstd, and the local sums
+        # grad_weight = sum(dy * (x - mean)) * invstd, grad_bias = sum(dy)
+        dx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            dy, x, w, mean, var, None, None, False, ctx.eps, [True, True, True])
+        sums = torch.cat([gb, gw / invstd])  # local sum(dy), sum(dy * (x - mean))
+        if _distributed():
+            sums = sums.clone()
+            dist.all_reduce(sums)
+        mean_dy = sums[:c] / ctx.total
+        mean_dy_xmu = sums[c:] / ctx.total
+        wi = w * invstd
+        alpha = -wi * invstd * invstd * mean_dy_xmu          # coefficient of (x - mean)
+        view = (1, c, 1, 1)
+        # (x - mean) is formed explicitly: alpha * x - alpha * mean would cancel when |mean| >> std
+        dx = dx.sub_((wi * mean_dy).view(view)).addcmul_(x - mean.view(view), alpha.view(view))
+        return dx, (gw if weight is not None else None), (gb if weight is not None else None), None
+
+
 class CPUSyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are taken over the batches of all ranks."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        c = x.shape[1]
-        count = torch.tensor([x.numel() // c], dtype=torch.float64, device=x.device)
-        # One collective per layer: per-channel sum, per-channel sum of squares and the element count, in fp64
-        # so that E[x^2] - E[x]^2 keeps fp32 accuracy.
-        xd = x.double()
-        local = torch.cat([xd.sum(dim=(0, 2, 3)), (xd * xd).sum(dim=(0, 2, 3)), count])
-        total = all_reduce_sum_autograd(local)
-        n = total[-1]
-        mean = total[:c] / n
-        var = (total[c:2 * c] / n - mean * mean).clamp_min(0)
+        y, mean, var, total = _SyncBatchNorm.apply(x, self.weight if self.affine else None,
+                                                   self.bias if self.affine else None, self.eps)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                unbiased = var * n / (n - 1).clamp_min(1)
+                unbiased = var * total / (total - 1).clamp_min(1)
                 self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
                 self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
-        inv = torch.rsqrt(var + self.eps).to(x.dtype)
-        y = (x - mean.to(x.dtype).view(1, c, 1, 1)) * inv.view(1, c, 1, 1)
-        if self.affine:
-            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
         return y
 
 

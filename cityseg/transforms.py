@@ -1,4 +1,11 @@
-"""Augmentation (albumentations + OpenCV) seeded by (seed, epoch, index), and on-device normalisation."""
+"""Augmentation seeded by (seed, epoch, index), crop before resize, and on-device normalisation.
+
+The training augmentation is random scale (0.5-2.0), pad (label 255), random crop, horizontal flip and mild
+photometric jitter. It is computed crop-first: the scale and the window are drawn before any pixel is
+touched, and one OpenCV affine warp reads only the source pixels under the window and writes the crop
+directly, so a 2x scale never builds a 4096x2048 image. The photometric jitter (albumentations) then runs
+on the crop alone.
+"""
 
 from __future__ import annotations
 
@@ -19,26 +26,57 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
+def scaled_crop(src: np.ndarray, scale: float, top: int, left: int, out_hw: tuple[int, int],
+                interpolation: int, fill: int) -> np.ndarray:
+    """The ``out_hw`` window at (top, left) of ``src`` resized by ``scale``, without resizing the rest.
+
+    Only the source rows and columns under the window are read and resized (one ``cv2.resize`` of a view);
+    the window's grid may sit up to half a scaled pixel from that of a whole-image resize, the same for image
+    and label. Pixels of the window beyond the scaled image are ``fill`` (pad-then-crop's bottom/right).
+    """
+    h, w = src.shape[:2]
+    oh, ow = out_hw
+    sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+    iy, ix = h / sh, w / sw  # the exact factors of resizing to the rounded size (sh, sw)
+    bottom, right = min(top + oh, sh), min(left + ow, sw)  # the part of the window inside the scaled image
+    y0, x0 = int(top * iy), int(left * ix)
+    y1, x1 = min(h, int(np.ceil(bottom * iy))), min(w, int(np.ceil(right * ix)))
+    rh, rw = max(1, round((y1 - y0) / iy)), max(1, round((x1 - x0) / ix))
+    resized = cv2.resize(src[y0:y1, x0:x1], (rw, rh), interpolation=interpolation)
+    oy, ox = min(max(round(top - y0 / iy), 0), rh - 1), min(max(round(left - x0 / ix), 0), rw - 1)
+    part = resized[oy:oy + bottom - top, ox:ox + right - left]
+    if part.shape[:2] == (oh, ow):
+        return part
+    out = np.full((oh, ow) + src.shape[2:], fill, dtype=src.dtype)
+    out[:part.shape[0], :part.shape[1]] = part
+    return out
+
+
 class TrainTransform:
     """Random scale, pad (label 255), random crop, horizontal flip and mild photometric jitter."""
 
     def __init__(self, crop_hw: tuple[int, int], scale_range: tuple[float, float] = (0.5, 2.0), seed: int = 0):
-        h, w = crop_hw
-        self.seed = seed
-        self.aug = A.Compose([
-            A.RandomScale(scale_limit=(scale_range[0] - 1.0, scale_range[1] - 1.0), p=1.0,
-                          interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST),
-            A.PadIfNeeded(min_height=h, min_width=w, position="top_left", border_mode=cv2.BORDER_CONSTANT,
-                          fill=0, fill_mask=IGNORE_INDEX),
-            A.RandomCrop(height=h, width=w),
-            A.HorizontalFlip(p=0.5),
-            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.0, p=0.5),
-        ])
+        self.crop_hw, self.scale_range, self.seed = crop_hw, scale_range, seed
+        self.photometric = A.Compose([A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5)])
+
+    def params(self, hw: tuple[int, int], epoch: int, index: int) -> tuple[float, int, int, bool, int]:
+        """(scale, top, left, flip, photometric seed) of a sample; a function of (seed, epoch, index)."""
+        s = sample_seed(self.seed, epoch, index)
+        rng = np.random.default_rng(s)
+        scale = float(rng.uniform(*self.scale_range))
+        sh, sw = max(1, round(hw[0] * scale)), max(1, round(hw[1] * scale))
+        top = int(rng.integers(0, max(sh - self.crop_hw[0], 0) + 1))
+        left = int(rng.integers(0, max(sw - self.crop_hw[1], 0) + 1))
+        return scale, top, left, bool(rng.random() < 0.5), s
 
     def __call__(self, image: np.ndarray, label: np.ndarray, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        self.aug.set_random_seed(sample_seed(self.seed, epoch, index))
-        out = self.aug(image=image, mask=label)
-        return out["image"], out["mask"]
+        scale, top, left, flip, s = self.params(image.shape[:2], epoch, index)
+        img = scaled_crop(image, scale, top, left, self.crop_hw, cv2.INTER_LINEAR, 0)
+        lab = scaled_crop(label, scale, top, left, self.crop_hw, cv2.INTER_NEAREST_EXACT, IGNORE_INDEX)
+        if flip:
+            img, lab = cv2.flip(img, 1), cv2.flip(lab, 1)
+        self.photometric.set_random_seed(s)
+        return self.photometric(image=img)["image"], lab
 
 
 def to_input(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
