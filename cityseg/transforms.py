@@ -9,6 +9,8 @@ on the crop alone.
 
 from __future__ import annotations
 
+import functools
+
 import albumentations as A
 import cv2
 import numpy as np
@@ -79,11 +81,16 @@ class TrainTransform:
         return self.photometric(image=img)["image"], lab
 
 
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once per device: building them every step would be a blocking host-to-device copy
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
+
+
 def to_input(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
     """uint8 NHWC batch -> normalised float NCHW on ``device`` (the conversion happens there, not on the CPU)."""
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    mean, std = _mean_std(torch.device(device))
     x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
