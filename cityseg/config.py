@@ -25,6 +25,15 @@ def option(default: Any, help: str, choices: Sequence[str] | None = None) -> Any
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+def check_choices(cfg: Any) -> None:
+    """Every field declared with ``choices`` holds one of them."""
+    for f in fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                              f"got {getattr(cfg, f.name)!r}.")
+
+
 def parse_hw(text: str, name: str = "--crop-size") -> tuple[int, int]:
     """Parse ``"HxW"`` (e.g. ``512x1024``) into ``(H, W)``."""
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
@@ -93,11 +102,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}.")
         if not 0 < self.scale_min <= self.scale_max:
             raise ConfigError("--scale-min must be positive and at most --scale-max.")
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
-                                  f"got {getattr(self, f.name)!r}.")
+        check_choices(self)
 
     @property
     def crop_hw(self) -> tuple[int, int]:

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import distributed as du
-from .config import ConfigError, from_dict, option, parse_hw
+from .config import ConfigError, check_choices, from_dict, option, parse_hw
 from .data import CityscapesDataset, DataError, ShardSampler, make_loader, read_image, shutdown
 from .export import official_scores, prediction_path, write_prediction
 from .inference import InferenceMode, predict
@@ -58,10 +58,7 @@ class EvalConfig:
     wandb_entity: str = option("", "W&B entity (team or user); empty uses your default.")
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}.")
+        check_choices(self)
         if not self.checkpoint:
             raise ConfigError("--checkpoint is required: pass the last.pt or best.pt of a training run.")
         if not self.data_root and not self.images:
