@@ -17,14 +17,14 @@ def test_any_input_size_gives_logits_of_that_size(hw):
     assert model(x).shape == (2, 19, *hw)
 
 
-def test_padding_does_not_change_the_interior_of_divisible_inputs():
+def test_odd_sizes_are_padded_bottom_right_and_cropped_back():
     torch.manual_seed(0)
     model = UNet(width=8).eval()
-    x = torch.randn(1, 3, 64, 64)
-    full = model(x)
-    assert full.shape[-2:] == (64, 64)
-    # cropping the output of a 64x64 input must not depend on padding: same call twice is the same
-    torch.testing.assert_close(model(x), full)
+    x = torch.randn(1, 3, 50, 70)
+    # independent expectation: reflect-pad to the next multiple of 16 (64x80) by hand, run, crop top-left
+    padded = torch.nn.functional.pad(x, (0, 10, 0, 14), mode="reflect")
+    torch.testing.assert_close(model(x), model(padded)[..., :50, :70])
+    assert not torch.allclose(model(x), model(torch.nn.functional.pad(x, (10, 0, 14, 0), mode="reflect"))[..., 14:, 10:])
 
 
 def test_width_64_is_the_classic_31m_net():
