@@ -12,7 +12,8 @@ import torch
 from cityscapesscripts.helpers.labels import labels as cs_labels
 
 from cityseg.data import (CityscapesDataset, DataError, ShardSampler, TrainSampler, detect_layout, list_samples,
-                          make_loader, read_label)
+                          make_loader, read_image, read_label)
+from cityseg.labels import ids_to_train_ids
 from cityseg.synthetic import write_tree
 from cityseg.transforms import TrainTransform
 from conftest import TINY, run_script
@@ -46,6 +47,37 @@ def test_label_ids_map_to_train_ids_like_the_official_renderer(synthetic_root):
         assert np.array_equal(read_label(s.label), official)
     ignore = {lab.id for lab in cs_labels if lab.trainId in (255, -1) and lab.id >= 0}
     assert {0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30} == ignore
+
+
+def _png_forms(rgb: np.ndarray, tmp: Path) -> dict[str, Path]:
+    """The same picture as PNGs of every colour type and depth, and as a JPEG."""
+    from PIL import Image
+
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    forms = {"rgb8": bgr, "grey": cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY),
+             "rgba": cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA), "rgb16": bgr.astype(np.uint16) * 257}
+    paths = {}
+    for name, arr in forms.items():
+        paths[name] = tmp / f"{name}.png"
+        assert cv2.imwrite(str(paths[name]), arr)
+    paths["palette"] = tmp / "palette.png"
+    Image.fromarray(rgb).quantize(16).save(paths["palette"])
+    paths["jpeg"] = tmp / "x.jpg"
+    assert cv2.imwrite(str(paths["jpeg"]), bgr)
+    return paths
+
+
+def test_images_decode_like_opencv_in_every_form(synthetic_root, tmp_path):
+    # Cityscapes PNGs take the libspng path, other forms OpenCV's; both must give what OpenCV reads, in RGB.
+    rgb = cv2.cvtColor(cv2.imread(str(list_samples(synthetic_root, "val")[0].image)), cv2.COLOR_BGR2RGB)
+    for name, path in _png_forms(rgb, tmp_path).items():
+        expected = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        got = read_image(path)
+        assert got.dtype == np.uint8 and got.shape == rgb.shape, name
+        assert np.array_equal(got, expected), name
+    for s in list_samples(synthetic_root, "train"):
+        official = cv2.imread(str(s.label), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(read_label(s.label), ids_to_train_ids(official))
 
 
 def test_precomputed_train_ids_give_the_same_samples(tree):
@@ -163,6 +195,16 @@ def _break_ids(tree):
     return lab.name, "label ids [77] are not in the Cityscapes label table"
 
 
+def _break_train_ids(tree):
+    lab = _lab(tree)
+    train = lab.with_name(lab.name.replace("labelIds", "labelTrainIds"))
+    arr = cv2.imread(str(train), cv2.IMREAD_UNCHANGED)
+    arr[5, 5], arr[-1, -1] = 19, 200
+    cv2.imwrite(str(train), arr)
+    lab.unlink()
+    return train.name, "trainIds [19, 200] are not Cityscapes train ids"
+
+
 def _break_root(tree):
     shutil.rmtree(tree)
     return str(tree), "no such directory"
@@ -173,8 +215,8 @@ def _break_layout(tree):
     return str(tree), "holds neither leftImg8bit/"
 
 
-BREAKS = [_break_missing_label, _break_missing_image, _break_truncated, _break_size, _break_ids, _break_root,
-          _break_layout]
+BREAKS = [_break_missing_label, _break_missing_image, _break_truncated, _break_size, _break_ids, _break_train_ids,
+          _break_root, _break_layout]
 
 
 @pytest.mark.parametrize("breaker", BREAKS, ids=lambda f: f.__name__[7:])
