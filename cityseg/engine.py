@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
 from . import distributed as du
+from .allocator import keep_freed_memory
 from .config import TrainConfig, save_yaml
 from .data import CityscapesDataset, TrainSampler, make_loader, shutdown
 from .errors import UserError
@@ -56,7 +58,10 @@ def build_model_for(cfg: TrainConfig, ctx: du.DistContext) -> tuple[nn.Module, n
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every run
     model = build_model(cfg.width)
     if ctx.distributed:
-        model = convert_sync_batchnorm(model, ctx.device)
+        # On CPU, BatchNorm's small collectives get a gloo group of their own: on the default group they
+        # would queue behind DDP's gradient buckets, which are all-reduced during the same backward pass.
+        group = dist.new_group(backend="gloo") if ctx.device.type == "cpu" else None
+        model = convert_sync_batchnorm(model, ctx.device, group)
     model = model.to(ctx.device)
     if ctx.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -73,6 +78,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: du.DistContext, stop: StopFlag):
         self.cfg, self.ctx, self.stop = cfg, ctx, stop
         self.out = Path(cfg.out_dir)
+        if ctx.device.type == "cpu":
+            keep_freed_memory()  # activations are reused from the heap, not page-faulted in every step
         self.channels_last = ctx.device.type == "cuda"
         self.dtype = amp_dtype(cfg.amp, ctx.device)
         train_set = CityscapesDataset(cfg.data_root, cfg.train_split,

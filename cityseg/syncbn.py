@@ -1,104 +1,114 @@
 """Synchronised BatchNorm for every device: ``nn.SyncBatchNorm`` on CUDA, our own on CPU/gloo.
 
 PyTorch's ``nn.SyncBatchNorm`` refuses CPU tensors, so CPU runs with several processes use
-:class:`CPUSyncBatchNorm`, which reduces per-channel sums over ranks with a differentiable all_reduce.
-Each rank contributes its own element count, so ranks with different batch sizes are weighted correctly.
+:class:`CPUSyncBatchNorm`, which sums per-channel statistics over the ranks of a process group in its forward
+and the matching gradient sums in its backward. Each rank contributes its own element count, so ranks with
+different batch sizes are weighted correctly.
 """
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """all_reduce(SUM) whose backward is again an all_reduce(SUM) of the incoming gradients."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
+def _world(group: Any) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-def all_reduce_sum_autograd(x: torch.Tensor) -> torch.Tensor:
-    """Differentiable sum over ranks (identity when not distributed)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return _AllReduceSum.apply(x)
-    return x
+def _sum_over_ranks(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum of a small tensor over the ranks of ``group``, added in rank order (the same bits on every rank).
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    An all_gather rather than an all_reduce: for a few hundred bytes gloo's all_reduce takes about 1.6 ms
+    on the 2-core CI machine and its all_gather 0.4 ms, and BatchNorm synchronises twice per layer and step.
+    The wait polls and yields instead of blocking: a blocked rank lets its core go idle, and waking an idle
+    virtual CPU again can take milliseconds; yielding still gives the core to any thread that can run.
+    """
+    parts = [torch.empty_like(t) for _ in range(_world(group))]
+    work = dist.all_gather(parts, t.contiguous(), group=group, async_op=True)
+    while not work.is_completed():
+        os.sched_yield()
+    work.wait()  # raises if the collective failed
+    return torch.stack(parts).sum(dim=0)
 
 
 class _SyncBatchNorm(torch.autograd.Function):
-    """Training-mode BatchNorm over the union of all ranks' batches, with native kernels for the heavy passes.
+    """Training-mode BatchNorm over the union of all ranks' batches, built from native CPU kernels.
 
-    Forward: local per-channel sums of x and x^2 and the count, one all_reduce of them in fp64, then the
-    native (eval-mode) batch_norm kernel with the global statistics. Backward: the native eval-mode kernel
-    gives dy*w*invstd and the local sums of dy and dy*(x - mean); one all_reduce makes the sums global; the
-    input gradient w*invstd*(dy - mean(dy) - xhat*mean(dy*xhat)) then takes three more passes.
+    Everything is computed on ``xc = x - local mean`` (fp32), which is kept for the backward instead of ``x``:
+    BatchNorm depends on ``x`` only through ``x - mean``, and with the large common offset gone nothing
+    cancels, however far the mean is from zero.
+
+    Forward: per-channel local count, mean and sum of ``xc^2`` (fp32 sums, pairwise and fast on CPU), one
+    fp64 sum over ranks of ``[n*mean, M2 + n*mean^2, n]``, then the native eval-mode kernel with the global
+    statistics. Backward: the native training-mode kernel given the global statistics is exact but for its
+    means of ``dy`` and ``dy * (x - mean)``, which it takes over the local batch; one sum over ranks of their
+    local sums gives the global means, and one affine correction per channel makes up the difference.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, eps, group):  # type: ignore[override]
         c = x.shape[1]
         n = x.numel() // c
-        # local sums in one cheap pass each (torch.var_mean is several times slower on CPU), kept in fp64
-        stats = torch.cat([x.sum(dim=(0, 2, 3), dtype=torch.float64),
-                           (x * x).sum(dim=(0, 2, 3), dtype=torch.float64),
+        view = (1, c, 1, 1)
+        xf = x.float()  # statistics in fp32 also under bf16/fp16 autocast (a no-op for fp32 input)
+        mean_l = xf.sum(dim=(0, 2, 3)) / n
+        xc = xf - mean_l.view(view)
+        m2 = (xc * xc).sum(dim=(0, 2, 3))
+        mean_l64 = mean_l.double()
+        stats = torch.cat([mean_l64 * n, m2.double() + n * mean_l64 * mean_l64,
                            torch.full((1,), float(n), dtype=torch.float64, device=x.device)])
-        if _distributed():
-            dist.all_reduce(stats)
+        if _world(group) > 1:
+            stats = _sum_over_ranks(stats, group)
         total = stats[-1]
         mean = stats[:c] / total
         var = (stats[c:2 * c] / total - mean * mean).clamp_min(0)
-        mean_f, var_f = mean.to(x.dtype), var.to(x.dtype)
-        y = torch.batch_norm(x, weight, bias, mean_f, var_f, False, 0.0, eps, False)
-        ctx.save_for_backward(x, weight, mean_f, var_f)
-        ctx.eps, ctx.total = eps, float(total)
-        return y, mean, var, total
+        shift = (mean - mean_l64).float()  # the global mean in xc's coordinates (small)
+        y = torch.batch_norm(xc, weight, bias, shift, var.float(), False, 0.0, eps, False)
+        ctx.save_for_backward(xc, weight, shift, var.float())
+        ctx.eps, ctx.total, ctx.local, ctx.dtype, ctx.group = eps, float(total), float(n), x.dtype, group
+        return y.to(x.dtype), mean, var, total
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar, _dtotal):  # type: ignore[override]
-        x, weight, mean, var = ctx.saved_tensors
-        c = x.shape[1]
+        xc, weight, shift, var = ctx.saved_tensors
+        c = xc.shape[1]
         invstd = torch.rsqrt(var + ctx.eps)
-        w = weight if weight is not None else torch.ones_like(mean)
-        # eval-mode native backward, one pass: dx_eval = dy * w * invstd, and the local sums
-        # grad_weight = sum(dy * (x - mean)) * invstd, grad_bias = sum(dy)
+        w = weight.float() if weight is not None else torch.ones_like(shift)
+        # gw = sum(dy * (x - mean)) * invstd and gb = sum(dy), both local; dx with local means of those
         dx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            dy, x, w, mean, var, None, None, False, ctx.eps, [True, True, True])
-        sums = torch.cat([gb, gw / invstd])  # local sum(dy), sum(dy * (x - mean))
-        if _distributed():
-            sums = sums.clone()
-            dist.all_reduce(sums)
-        mean_dy = sums[:c] / ctx.total
-        mean_dy_xmu = sums[c:] / ctx.total
-        wi = w * invstd
-        alpha = -wi * invstd * invstd * mean_dy_xmu          # coefficient of (x - mean)
-        view = (1, c, 1, 1)
-        # (x - mean) is formed explicitly: alpha * x - alpha * mean would cancel when |mean| >> std
-        dx = dx.sub_((wi * mean_dy).view(view)).addcmul_(x - mean.view(view), alpha.view(view))
-        return dx, (gw if weight is not None else None), (gb if weight is not None else None), None
+            dy.float(), xc, w, None, None, shift, invstd, True, ctx.eps, [True, True, True])
+        if _world(ctx.group) > 1:
+            local = torch.cat([gb, gw / invstd]).double()  # sum(dy), sum(dy * (x - mean))
+            delta = (local / ctx.local - _sum_over_ranks(local, ctx.group) / ctx.total).float()  # local - global
+            wi = w * invstd
+            c1 = wi * invstd * invstd * delta[c:]  # dx += c1 * (x - mean) + wi * delta_dy
+            c0 = wi * delta[:c] - c1 * shift
+            view = (1, c, 1, 1)
+            dx = dx.addcmul_(xc, c1.view(view)).add_(c0.view(view))
+        if weight is None:
+            return dx.to(ctx.dtype), None, None, None, None
+        return dx.to(ctx.dtype), gw.to(weight.dtype), gb.to(weight.dtype), None, None
 
 
 class CPUSyncBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are taken over the batches of all ranks."""
+    """BatchNorm2d whose training statistics are taken over the batches of all ranks of ``process_group``
+    (the default group when None), like ``nn.SyncBatchNorm``."""
+
+    def __init__(self, *args: Any, process_group: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
         y, mean, var, total = _SyncBatchNorm.apply(x, self.weight if self.affine else None,
-                                                   self.bias if self.affine else None, self.eps)
+                                                   self.bias if self.affine else None, self.eps,
+                                                   self.process_group)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -109,21 +119,20 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
         return y
 
 
-def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Replace every BatchNorm2d with the synchronised one that works on ``device``."""
+def convert_sync_batchnorm(module: nn.Module, device: torch.device, process_group: Any = None) -> nn.Module:
+    """Replace every BatchNorm2d with the synchronised one that works on ``device``, over ``process_group``."""
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return _convert_cpu(module)
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    return _convert_cpu(module, process_group)
 
 
-def _convert_cpu(module: nn.Module) -> nn.Module:
+def _convert_cpu(module: nn.Module, group: Any) -> nn.Module:
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, CPUSyncBatchNorm):
         new = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats)
+                               module.track_running_stats, process_group=group)
         new.load_state_dict(module.state_dict())
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        module.add_module(name, _convert_cpu(child))
+        module.add_module(name, _convert_cpu(child, group))
     return module
-
