@@ -40,6 +40,7 @@ GOALS = {  # key: (comparison, target)
     "resume_late_vs_early": ("<=", 1.5),
 }
 CROP = (512, 1024)  # the reference recipe's crop
+PARTS = ("loader", "ddp", "loop", "resume")
 
 
 def one_core() -> None:
@@ -85,7 +86,7 @@ def reference_sample(paths: list[tuple[Path, Path]], i: int, lut: np.ndarray) ->
 
 def loader_rates(root: Path, cache: Path, n: int) -> dict[str, float]:
     """Samples per second on one core for each pipeline and floor."""
-    from cityseg.data import CityscapesDataset
+    from cityseg.data import CityscapesDataset, _decode
     from cityseg.labels import ID_TO_TRAIN
     from cityseg.prepare import DecodedCache
     from cityseg.transforms import TrainTransform
@@ -98,7 +99,12 @@ def loader_rates(root: Path, cache: Path, n: int) -> dict[str, float]:
     raw = DecodedCache(cache / "train")
     m = len(pairs)
 
-    def floor_png(i: int) -> None:
+    def floor_png(i: int) -> None:  # with the decoder our PNG path uses (libspng)
+        img, lab = pairs[i % m]
+        _decode(img, 3)
+        _decode(lab, 1)
+
+    def opencv_png(i: int) -> None:  # the same with OpenCV's libpng, for comparison
         img, lab = pairs[i % m]
         cv2.imdecode(np.fromfile(img, np.uint8), cv2.IMREAD_COLOR)
         cv2.imdecode(np.fromfile(lab, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -119,6 +125,7 @@ def loader_rates(root: Path, cache: Path, n: int) -> dict[str, float]:
         "png": rate(lambda i: png[(0, i % m)], n),
         "fast": rate(lambda i: fast[(0, i % m)], 4 * n),
         "floor_png_decode": rate(floor_png, n),
+        "png_decode_opencv": rate(opencv_png, n),
         "floor_fast": rate(floor_fast, 4 * n),
     }
 
@@ -159,35 +166,63 @@ def step_time(cfg: Any, steps: int) -> float:
     return statistics.median(times)
 
 
-def _ddp_worker(rank: int, world: int, port: int, cfg: Any, steps: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, cfg: Any, steps: int, out: str, group: bool) -> None:
     one_core()
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    if group:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
     from cityseg import distributed as du
 
     try:
         t = step_time(cfg, steps)
-        if rank == 0:
-            Path(out).write_text(str(t))
+        lat = collective_latency() if group and world > 1 else {}
+        Path(f"{out}.{rank}").write_text(json.dumps({"step_s": t, **lat}))
     finally:
         du.teardown()
 
 
+def collective_latency(n: int = 200) -> dict[str, float]:
+    """Microseconds per gloo all_reduce and all_gather of 33 doubles (a BatchNorm layer's statistics)."""
+    import torch.distributed as dist
+
+    x = torch.zeros(33, dtype=torch.float64)
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    result = {}
+    calls = {"all_reduce_us": lambda: dist.all_reduce(x), "all_gather_us": lambda: dist.all_gather(parts, x)}
+    for name, fn in calls.items():
+        for _ in range(10):
+            fn()
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        result[name] = (time.perf_counter() - t0) / n * 1e6
+    return result
+
+
 def ddp_efficiency(cfg: Any, steps: int, tmp: Path) -> dict[str, float]:
-    """Per-step time of 1 and of 2 processes at the same per-process batch; efficiency = t1 / t2."""
+    """Per-step time of 1 and of 2 processes at the same per-process batch; efficiency = t1 / t2.
+
+    Also the step time of 2 independent single processes side by side (no process group, nothing shared but
+    the machine): what 2 processes could reach here with no distributed cost at all. The slower of the two
+    is taken, since a synchronous job moves at the pace of its slowest rank.
+    """
     import socket
 
     import torch.multiprocessing as mp
 
     result = {}
-    for world in (1, 2):
+    for name, world, group in (("1proc", 1, True), ("2proc", 2, True), ("2independent", 2, False)):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        out = tmp / f"ddp{world}.txt"
-        mp.spawn(_ddp_worker, args=(world, port, cfg, steps, str(out)), nprocs=world, join=True)
-        result[f"step_s_{world}proc"] = float(out.read_text())
+        out = tmp / f"ddp_{name}"
+        mp.spawn(_ddp_worker, args=(world, port, cfg, steps, str(out), group), nprocs=world, join=True)
+        runs = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
+        result[f"step_s_{name}"] = max(r["step_s"] for r in runs)
+        result.update({f"gloo_{k}": v for k, v in runs[0].items() if k != "step_s"})
     result["efficiency"] = result["step_s_1proc"] / result["step_s_2proc"]
+    result["efficiency_of_independent"] = result["step_s_1proc"] / result["step_s_2independent"]
     return result
 
 
@@ -262,7 +297,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="Fewer images and repetitions (under 3 minutes).")
     p.add_argument("--json", metavar="FILE", help="Also write the figures to FILE.")
     p.add_argument("--images", type=int, default=None, help="Full-resolution training images to generate.")
+    p.add_argument("--only", default=",".join(PARTS),
+                   help=f"Comma-separated parts to run (default: all of {','.join(PARTS)}).")
     args = p.parse_args()
+    parts = [x for x in args.only.split(",") if x]
+    if not parts or set(parts) - set(PARTS):
+        p.error(f"--only takes a comma-separated subset of {','.join(PARTS)}, got {args.only!r}")
     one_core()
     n_img = max(args.images or (4 if args.quick else 8), 4)  # one global batch of the DDP measurement
     n = 6 if args.quick else 24
@@ -270,31 +310,39 @@ def main() -> None:
     from cityseg.prepare import prepare
     from cityseg.synthetic import write_tree
 
+    figures: dict[str, float] = {}
+    details: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="cityseg-bench-") as tmp_name:
         tmp = Path(tmp_name)
         root = write_tree(tmp / "cityscapes", num_train=n_img, num_val=1, num_test=0, size=(1024, 2048), seed=0)
-        prepare(root, "train", tmp / "cache")
-        loader = loader_rates(root, tmp / "cache", n)
-        step_cfg = bench_config(root, tmp / "ddp", 16, (256, 512), 2)
-        ddp = ddp_efficiency(step_cfg, 4 if args.quick else 10, tmp)
-        overhead = loop_overhead(bench_config(root, tmp / "loop", 16, (256, 512), 2), 5 if args.quick else 15)
-        resume = resume_cost(root, tmp, 1 if args.quick else 3)
-    figures = {
-        "loader_fast_vs_reference": loader["fast"] / loader["reference"],
-        "loader_png_vs_reference": loader["png"] / loader["reference"],
-        "loader_fast_vs_floor": loader["floor_fast"] / loader["fast"],
-        "ddp_weak_scaling_efficiency": ddp["efficiency"],
-        "train_loop_overhead": overhead["overhead"],
-        "resume_late_vs_early": resume["ratio"],
-    }
-    details = {"loader_samples_per_s_one_core": loader, "ddp": ddp, "train_loop": overhead, "resume": resume,
-               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                           "torch": torch.__version__, "python": platform.python_version()},
-               "quick": args.quick, "full_res_images": n_img, "seconds": time.perf_counter() - t_start}
-    print(f"{'loader (samples/s, one core)':<34}" + "  ".join(f"{k} {v:.2f}" for k, v in loader.items()))
-    print(f"{'DDP step (s)':<34}1 proc {ddp['step_s_1proc']:.3f}  2 procs {ddp['step_s_2proc']:.3f}")
-    print(f"{'train step (s)':<34}ours {overhead['ours_s']:.4f}  bare {overhead['bare_s']:.4f}")
-    print(f"{'resume to first step (s)':<34}it 10: {resume['early_s']:.2f}  it 100,000: {resume['late_s']:.2f}")
+        if "loader" in parts:
+            prepare(root, "train", tmp / "cache")
+            loader = details["loader_samples_per_s_one_core"] = loader_rates(root, tmp / "cache", n)
+            figures["loader_fast_vs_reference"] = loader["fast"] / loader["reference"]
+            figures["loader_png_vs_reference"] = loader["png"] / loader["reference"]
+            figures["loader_fast_vs_floor"] = loader["floor_fast"] / loader["fast"]
+            print(f"{'loader (samples/s, one core)':<34}" + "  ".join(f"{k} {v:.2f}" for k, v in loader.items()))
+        if "ddp" in parts:
+            ddp = details["ddp"] = ddp_efficiency(bench_config(root, tmp / "ddp", 16, (256, 512), 2),
+                                                  4 if args.quick else 10, tmp)
+            figures["ddp_weak_scaling_efficiency"] = ddp["efficiency"]
+            print(f"{'DDP step (s)':<34}1 proc {ddp['step_s_1proc']:.3f}  2 procs {ddp['step_s_2proc']:.3f}  "
+                  f"2 independent procs {ddp['step_s_2independent']:.3f}")
+            print(f"{'gloo, 33 doubles (us)':<34}all_reduce {ddp['gloo_all_reduce_us']:.0f}  "
+                  f"all_gather {ddp['gloo_all_gather_us']:.0f}")
+        if "loop" in parts:
+            overhead = details["train_loop"] = loop_overhead(bench_config(root, tmp / "loop", 16, (256, 512), 2),
+                                                             5 if args.quick else 15)
+            figures["train_loop_overhead"] = overhead["overhead"]
+            print(f"{'train step (s)':<34}ours {overhead['ours_s']:.4f}  bare {overhead['bare_s']:.4f}")
+        if "resume" in parts:
+            resume = details["resume"] = resume_cost(root, tmp, 1 if args.quick else 3)
+            figures["resume_late_vs_early"] = resume["ratio"]
+            print(f"{'resume to first step (s)':<34}it 10: {resume['early_s']:.2f}  it 100,000: {resume['late_s']:.2f}")
+    details.update({"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                                "torch": torch.__version__, "python": platform.python_version()},
+                    "quick": args.quick, "parts": parts, "full_res_images": n_img,
+                    "seconds": time.perf_counter() - t_start})
     for key, value in figures.items():
         print(f"{key:<34}{value:8.3f}  {verdict(key, value)}")
     print(f"({details['seconds']:.0f}s)")

@@ -2,10 +2,11 @@
 
 PyTorch's CPU tensors come from glibc's malloc, which serves every block above its mmap threshold (128 KiB,
 adapting up to 32 MiB) with a fresh ``mmap`` and unmaps it on free. A training step frees and reallocates
-its activations every iteration, so each step page-faults all of them in again, and ranks faulting at the
-same time slow each other down (in a virtual machine especially, where page faults are expensive). Keeping freed memory in
-the heap, as jemalloc and tcmalloc do, removes that cost; it is what PyTorch's CPU performance guide gets by
-preloading one of them. The price is that the process keeps its peak heap until it exits.
+its activations every iteration, so each step page-faults many of them in again, and ranks faulting at the
+same time slow each other down (in a virtual machine especially, where page faults are expensive). Keeping
+freed memory in the heap, as jemalloc and tcmalloc do, removes that cost; it is what PyTorch's CPU
+performance guide gets by preloading one of them. The price is that the process keeps its peak heap until
+it exits.
 """
 
 from __future__ import annotations
