@@ -182,13 +182,19 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: Any, steps: int, out: str
 
 
 def collective_latency(n: int = 200) -> dict[str, float]:
-    """Microseconds per gloo all_reduce and all_gather of 33 doubles (a BatchNorm layer's statistics)."""
+    """Microseconds to sum 33 doubles (a BatchNorm layer's statistics) over the ranks: gloo's all_reduce and
+    all_gather, and the shared-memory sum that CPU synchronised BatchNorm uses between ranks of one host."""
     import torch.distributed as dist
+
+    from cityseg.shm import shared_memory_sum
 
     x = torch.zeros(33, dtype=torch.float64)
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    summer = shared_memory_sum()
+    calls = {"gloo_all_reduce_us": lambda: dist.all_reduce(x), "gloo_all_gather_us": lambda: dist.all_gather(parts, x)}
+    if summer is not None:
+        calls["shared_memory_sum_us"] = lambda: summer(x)
     result = {}
-    calls = {"all_reduce_us": lambda: dist.all_reduce(x), "all_gather_us": lambda: dist.all_gather(parts, x)}
     for name, fn in calls.items():
         for _ in range(10):
             fn()
@@ -220,7 +226,7 @@ def ddp_efficiency(cfg: Any, steps: int, tmp: Path) -> dict[str, float]:
         mp.spawn(_ddp_worker, args=(world, port, cfg, steps, str(out), group), nprocs=world, join=True)
         runs = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
         result[f"step_s_{name}"] = max(r["step_s"] for r in runs)
-        result.update({f"gloo_{k}": v for k, v in runs[0].items() if k != "step_s"})
+        result.update({k: v for k, v in runs[0].items() if k != "step_s"})
     result["efficiency"] = result["step_s_1proc"] / result["step_s_2proc"]
     result["efficiency_of_independent"] = result["step_s_1proc"] / result["step_s_2independent"]
     return result
@@ -328,8 +334,9 @@ def main() -> None:
             figures["ddp_weak_scaling_efficiency"] = ddp["efficiency"]
             print(f"{'DDP step (s)':<34}1 proc {ddp['step_s_1proc']:.3f}  2 procs {ddp['step_s_2proc']:.3f}  "
                   f"2 independent procs {ddp['step_s_2independent']:.3f}")
-            print(f"{'gloo, 33 doubles (us)':<34}all_reduce {ddp['gloo_all_reduce_us']:.0f}  "
-                  f"all_gather {ddp['gloo_all_gather_us']:.0f}")
+            print(f"{'sum of 33 doubles (us)':<34}gloo all_reduce {ddp['gloo_all_reduce_us']:.0f}  "
+                  f"gloo all_gather {ddp['gloo_all_gather_us']:.0f}  "
+                  f"shared memory {ddp.get('shared_memory_sum_us', float('nan')):.0f}")
         if "loop" in parts:
             overhead = details["train_loop"] = loop_overhead(bench_config(root, tmp / "loop", 16, (256, 512), 2),
                                                              5 if args.quick else 15)

@@ -58,8 +58,9 @@ def build_model_for(cfg: TrainConfig, ctx: du.DistContext) -> tuple[nn.Module, n
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every run
     model = build_model(cfg.width)
     if ctx.distributed:
-        # On CPU, BatchNorm's small collectives get a gloo group of their own: on the default group they
-        # would queue behind DDP's gradient buckets, which are all-reduced during the same backward pass.
+        # On CPU, BatchNorm's small sums go through shared memory between ranks of one host, else through a
+        # gloo group of their own: on the default group they would queue behind DDP's gradient buckets,
+        # which are all-reduced during the same backward pass.
         group = dist.new_group(backend="gloo") if ctx.device.type == "cpu" else None
         model = convert_sync_batchnorm(model, ctx.device, group)
     model = model.to(ctx.device)

@@ -3,37 +3,48 @@
 PyTorch's ``nn.SyncBatchNorm`` refuses CPU tensors, so CPU runs with several processes use
 :class:`CPUSyncBatchNorm`, which sums per-channel statistics over the ranks of a process group in its forward
 and the matching gradient sums in its backward. Each rank contributes its own element count, so ranks with
-different batch sizes are weighted correctly.
+different batch sizes are weighted correctly. The sums travel through shared memory where all ranks are on one
+host (:mod:`cityseg.shm`), by gloo otherwise.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from .shm import shared_memory_sum
+
+RankSum = Callable[[torch.Tensor], torch.Tensor]  # the sum of a small tensor over ranks, in rank order
 
 
 def _world(group: Any) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-def _sum_over_ranks(t: torch.Tensor, group: Any) -> torch.Tensor:
-    """Sum of a small tensor over the ranks of ``group``, added in rank order (the same bits on every rank).
+class GlooSum:
+    """``summer(t)``: the sum of a small tensor over the ranks of ``group``, added in rank order (the same bits
+    on every rank), by gloo.
 
     An all_gather rather than an all_reduce: for a few hundred bytes gloo's all_reduce takes about 1.6 ms
     on the 2-core CI machine and its all_gather 0.4 ms, and BatchNorm synchronises twice per layer and step.
     The wait polls and yields instead of blocking: a blocked rank lets its core go idle, and waking an idle
     virtual CPU again can take milliseconds; yielding still gives the core to any thread that can run.
     """
-    parts = [torch.empty_like(t) for _ in range(_world(group))]
-    work = dist.all_gather(parts, t.contiguous(), group=group, async_op=True)
-    while not work.is_completed():
-        os.sched_yield()
-    work.wait()  # raises if the collective failed
-    return torch.stack(parts).sum(dim=0)
+
+    def __init__(self, group: Any = None):
+        self.group = group
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(_world(self.group))]
+        work = dist.all_gather(parts, t.contiguous(), group=self.group, async_op=True)
+        while not work.is_completed():
+            os.sched_yield()
+        work.wait()  # raises if the collective failed
+        return torch.stack(parts).sum(dim=0)
 
 
 class _SyncBatchNorm(torch.autograd.Function):
@@ -51,7 +62,7 @@ class _SyncBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, group):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, eps, rank_sum):  # type: ignore[override]
         c = x.shape[1]
         n = x.numel() // c
         view = (1, c, 1, 1)
@@ -62,15 +73,15 @@ class _SyncBatchNorm(torch.autograd.Function):
         mean_l64 = mean_l.double()
         stats = torch.cat([mean_l64 * n, m2.double() + n * mean_l64 * mean_l64,
                            torch.full((1,), float(n), dtype=torch.float64, device=x.device)])
-        if _world(group) > 1:
-            stats = _sum_over_ranks(stats, group)
+        if rank_sum is not None:
+            stats = rank_sum(stats)
         total = stats[-1]
         mean = stats[:c] / total
         var = (stats[c:2 * c] / total - mean * mean).clamp_min(0)
         shift = (mean - mean_l64).float()  # the global mean in xc's coordinates (small)
         y = torch.batch_norm(xc, weight, bias, shift, var.float(), False, 0.0, eps, False)
         ctx.save_for_backward(xc, weight, shift, var.float())
-        ctx.eps, ctx.total, ctx.local, ctx.dtype, ctx.group = eps, float(total), float(n), x.dtype, group
+        ctx.eps, ctx.total, ctx.local, ctx.dtype, ctx.rank_sum = eps, float(total), float(n), x.dtype, rank_sum
         return y.to(x.dtype), mean, var, total
 
     @staticmethod
@@ -82,9 +93,9 @@ class _SyncBatchNorm(torch.autograd.Function):
         # gw = sum(dy * (x - mean)) * invstd and gb = sum(dy), both local; dx with local means of those
         dx, gw, gb = torch.ops.aten.native_batch_norm_backward(
             dy.float(), xc, w, None, None, shift, invstd, True, ctx.eps, [True, True, True])
-        if _world(ctx.group) > 1:
+        if ctx.rank_sum is not None:
             local = torch.cat([gb, gw / invstd]).double()  # sum(dy), sum(dy * (x - mean))
-            delta = (local / ctx.local - _sum_over_ranks(local, ctx.group) / ctx.total).float()  # local - global
+            delta = (local / ctx.local - ctx.rank_sum(local) / ctx.total).float()  # local - global
             wi = w * invstd
             c1 = wi * invstd * invstd * delta[c:]  # dx += c1 * (x - mean) + wi * delta_dy
             c0 = wi * delta[:c] - c1 * shift
@@ -97,18 +108,24 @@ class _SyncBatchNorm(torch.autograd.Function):
 
 class CPUSyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are taken over the batches of all ranks of ``process_group``
-    (the default group when None), like ``nn.SyncBatchNorm``."""
+    (the default group when None), like ``nn.SyncBatchNorm``.
 
-    def __init__(self, *args: Any, process_group: Any = None, **kwargs: Any):
+    ``rank_sum`` is how the sums travel: gloo when None; :func:`convert_sync_batchnorm` gives all the layers
+    one shared-memory channel where it can.
+    """
+
+    def __init__(self, *args: Any, process_group: Any = None, rank_sum: RankSum | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.process_group = process_group
+        self.rank_sum = rank_sum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
+        if self.rank_sum is None and _world(self.process_group) > 1:
+            self.rank_sum = GlooSum(self.process_group)
         y, mean, var, total = _SyncBatchNorm.apply(x, self.weight if self.affine else None,
-                                                   self.bias if self.affine else None, self.eps,
-                                                   self.process_group)
+                                                   self.bias if self.affine else None, self.eps, self.rank_sum)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -119,20 +136,31 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
         return y
 
 
-def convert_sync_batchnorm(module: nn.Module, device: torch.device, process_group: Any = None) -> nn.Module:
-    """Replace every BatchNorm2d with the synchronised one that works on ``device``, over ``process_group``."""
+def convert_sync_batchnorm(module: nn.Module, device: torch.device, process_group: Any = None,
+                           shared_memory: bool = True) -> nn.Module:
+    """Replace every BatchNorm2d with the synchronised one that works on ``device``, over ``process_group``.
+
+    On CPU inside a process group this is collective (every rank calls it): with ``shared_memory`` the ranks
+    try to set up one shared-memory channel for all the layers' sums, and use gloo if they share no memory.
+    """
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
-    return _convert_cpu(module, process_group)
+    rank_sum: RankSum | None = None
+    if _world(process_group) > 1:
+        widest = max((m.num_features for m in module.modules() if isinstance(m, nn.BatchNorm2d)), default=0)
+        if shared_memory:  # the forward's sums are the widest: 2 per channel and the count, in fp64
+            rank_sum = shared_memory_sum(process_group, slot_bytes=(2 * widest + 1) * 8)
+        rank_sum = rank_sum or GlooSum(process_group)
+    return _convert_cpu(module, process_group, rank_sum)
 
 
-def _convert_cpu(module: nn.Module, group: Any) -> nn.Module:
+def _convert_cpu(module: nn.Module, group: Any, rank_sum: RankSum | None) -> nn.Module:
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, CPUSyncBatchNorm):
         new = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats, process_group=group)
+                               module.track_running_stats, process_group=group, rank_sum=rank_sum)
         new.load_state_dict(module.state_dict())
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        module.add_module(name, _convert_cpu(child, group))
+        module.add_module(name, _convert_cpu(child, group, rank_sum))
     return module

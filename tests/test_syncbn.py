@@ -1,8 +1,10 @@
-"""CPUSyncBatchNorm on 2 gloo processes equals plain BatchNorm on the concatenated batch."""
+"""CPUSyncBatchNorm on 2 gloo processes equals plain BatchNorm on the concatenated batch, whichever way the
+ranks' sums travel (gloo or shared memory)."""
 
 from __future__ import annotations
 
 import os
+import platform
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from cityseg.syncbn import CPUSyncBatchNorm, convert_sync_batchnorm
+from cityseg.shm import SharedMemorySum
+from cityseg.syncbn import CPUSyncBatchNorm, GlooSum, convert_sync_batchnorm
 from conftest import free_port
 
 C = 5
@@ -44,14 +47,16 @@ def _run_steps(bn, x, w, steps=2):
     return y.detach(), xi.grad, bn.weight.grad.clone(), bn.bias.grad.clone()
 
 
-def _worker(rank: int, world: int, port: int, out: str, moments: tuple[float, float]) -> None:
+def _worker(rank: int, world: int, port: int, out: str, moments: tuple[float, float], transport: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         x, w, weight, bias = _data(*moments)
         lo = sum(BATCHES[:rank])
         sl = slice(lo, lo + BATCHES[rank])
-        bn = _make_bn(CPUSyncBatchNorm, weight, bias)
+        bn = convert_sync_batchnorm(_make_bn(nn.BatchNorm2d, weight, bias), torch.device("cpu"),
+                                    shared_memory=transport == "shm")
+        assert isinstance(bn.rank_sum, SharedMemorySum if transport == "shm" else GlooSum)
         y, gx, gw, gb = _run_steps(bn, x[sl], w[sl])
         # DDP would sum parameter gradients over ranks; do the same here.
         dist.all_reduce(gw)
@@ -76,8 +81,11 @@ def _reference(x, w, weight, bias, dtype):
 # The yardstick is BatchNorm2d in fp64 on the concatenated batch; the synchronised one, in fp32 over two ranks,
 # must be within 1e-5 of the largest value (about a hundred fp32 roundings) or twice PyTorch's own fp32 error.
 @pytest.mark.parametrize("moments", [(3.0, 1.5), (0.5, 300.0)], ids=["plain", "large-mean"])
-def test_cpu_syncbn_matches_batchnorm_on_concatenated_batch(tmp_path, moments):
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), moments), nprocs=2, join=True)
+@pytest.mark.parametrize("transport", ["gloo", "shm"])
+def test_cpu_syncbn_matches_batchnorm_on_concatenated_batch(tmp_path, moments, transport):
+    if transport == "shm" and platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the shared-memory sum is used on x86 hosts only")
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), moments, transport), nprocs=2, join=True)
     data = _data(*moments)
     exact, native = _reference(*data, torch.float64), _reference(*data, torch.float32)
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
