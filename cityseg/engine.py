@@ -57,15 +57,18 @@ def build_model_for(cfg: TrainConfig, ctx: du.DistContext) -> tuple[nn.Module, n
     """The U-Net on the device (synchronised BatchNorm when distributed), and its DDP wrapper."""
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every run
     model = build_model(cfg.width)
-    if ctx.distributed:
-        # On CPU, BatchNorm's small sums go through shared memory between ranks of one host, else through a
-        # gloo group of their own: on the default group they would queue behind DDP's gradient buckets,
-        # which are all-reduced during the same backward pass.
-        group = dist.new_group(backend="gloo") if ctx.device.type == "cpu" else None
+    if ctx.device.type == "cpu":
+        # Our own BatchNorm on CPU, also alone: PyTorch's channels_last CPU kernel takes its statistics with
+        # errors 30-50x those of its NCHW one (4e-5 against 8e-7 for data of mean 10), ours stays at NCHW's.
+        # Between processes its small sums go through shared memory on one host, else through a gloo group
+        # of their own: on the default group they would queue behind DDP's gradient buckets.
+        group = dist.new_group(backend="gloo") if ctx.distributed else None
         model = convert_sync_batchnorm(model, ctx.device, group)
-    model = model.to(ctx.device)
-    if ctx.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    elif ctx.distributed:
+        model = convert_sync_batchnorm(model, ctx.device)
+    # channels_last on every device: cuDNN's and oneDNN's convolutions both prefer it (on CPU, one thread,
+    # width 16 at 256x512, a training step took 0.87 s instead of 1.01 s).
+    model = model.to(ctx.device, memory_format=torch.channels_last)
     if not ctx.distributed:
         return model, model
     ddp = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
@@ -81,7 +84,7 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         if ctx.device.type == "cpu":
             keep_freed_memory()  # activations are reused from the heap, not page-faulted in every step
-        self.channels_last = ctx.device.type == "cuda"
+        self.channels_last = True  # inputs in the model's memory format
         self.dtype = amp_dtype(cfg.amp, ctx.device)
         train_set = CityscapesDataset(cfg.data_root, cfg.train_split,
                                       TrainTransform(cfg.crop_hw, (cfg.scale_min, cfg.scale_max), cfg.seed),

@@ -155,7 +155,7 @@ def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, dict[
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise ckpt.CheckpointError(f"{path}: weights do not fit a width-{width} U-Net ({e}).") from e
-    return model.to(device).eval(), state
+    return model.to(device, memory_format=torch.channels_last).eval(), state  # as in training
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
@@ -198,7 +198,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any] | None:
     """The evaluate.py job: shard the split over ranks, all-reduce once, report on rank 0."""
     with du.session(cfg.device) as ctx:
         model, state = load_model(cfg.checkpoint, ctx.device)
-        predictor = Predictor(model, ctx.device, amp_dtype(cfg.amp, ctx.device), False, cfg.inference_mode())
+        predictor = Predictor(model, ctx.device, amp_dtype(cfg.amp, ctx.device), True, cfg.inference_mode())
         out = Path(cfg.out_dir or Path(cfg.checkpoint).parent)
         if cfg.images:
             return predict_images(predictor, cfg.images, out / "overlays", ctx)

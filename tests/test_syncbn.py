@@ -115,3 +115,15 @@ def test_single_process_syncbn_is_batchnorm():
     b = _run_steps(_make_bn(nn.BatchNorm2d, weight, bias), x, w)
     for u, v in zip(a, b):
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
+
+
+def test_channels_last_statistics_keep_nchw_accuracy():
+    # PyTorch's channels_last CPU BatchNorm takes its statistics with errors tens of times those of its NCHW
+    # kernel when the mean is large against the spread (the trainer runs channels_last on CPU, with ours).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, 64, 128, generator=g) + 10.0
+    exact = nn.BatchNorm2d(8).double()(x.double())
+    native_nchw = nn.BatchNorm2d(8)(x)
+    ours = CPUSyncBatchNorm(8)(x.contiguous(memory_format=torch.channels_last))
+    err = (ours.double() - exact).abs().max().item()
+    assert err <= 2 * (native_nchw.double() - exact).abs().max().item(), err
