@@ -2,10 +2,10 @@
 
 PyTorch's ``nn.SyncBatchNorm`` refuses CPU tensors, so CPU runs use :class:`CPUSyncBatchNorm`, which sums
 per-channel statistics over the ranks of a process group in its forward and the matching gradient sums in its
-backward. CPU runs of one process use it too (with nothing to sum): on channels_last maps it keeps the accuracy
-of PyTorch's NCHW kernel, which PyTorch's channels_last CPU kernel does not. Each rank contributes its own element count, so ranks with
-different batch sizes are weighted correctly. The sums travel through shared memory where all ranks are on one
-host (:mod:`cityseg.shm`), by gloo otherwise.
+backward. Each rank contributes its own element count, so ranks with different batch sizes are weighted
+correctly. The sums travel through shared memory where all ranks are on one host (:mod:`cityseg.shm`), by gloo
+otherwise. CPU runs of one process use it too, with nothing to sum: on channels_last maps it keeps the accuracy
+of PyTorch's NCHW kernel, which PyTorch's channels_last CPU kernel does not.
 """
 
 from __future__ import annotations
