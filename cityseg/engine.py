@@ -54,7 +54,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) ->
 
 
 def build_model_for(cfg: TrainConfig, ctx: du.DistContext) -> tuple[nn.Module, nn.Module]:
-    """The U-Net on the device (synchronised BatchNorm when distributed), and its DDP wrapper."""
+    """The U-Net on the device, channels_last, and its DDP wrapper; synchronised BatchNorm when distributed,
+    and our CPU BatchNorm on every CPU run."""
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every run
     model = build_model(cfg.width)
     if ctx.device.type == "cpu":

@@ -80,9 +80,9 @@ class _SyncBatchNorm(torch.autograd.Function):
         total = stats[-1]
         mean = stats[:c] / total
         var = (stats[c:2 * c] / total - mean * mean).clamp_min(0)
-        shift = (mean - mean_l64).float()  # the global mean in xc's coordinates (small)
-        y = torch.batch_norm(xc, weight, bias, shift, var.float(), False, 0.0, eps, False)
-        ctx.save_for_backward(xc, weight, shift, var.float())
+        shift, var32 = (mean - mean_l64).float(), var.float()  # shift: the global mean in xc's coordinates
+        y = torch.batch_norm(xc, weight, bias, shift, var32, False, 0.0, eps, False)
+        ctx.save_for_backward(xc, weight, shift, var32)
         ctx.eps, ctx.total, ctx.dtype, ctx.rank_sum = eps, float(total), x.dtype, rank_sum
         return y.to(x.dtype), mean, var, total
 
