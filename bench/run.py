@@ -338,7 +338,7 @@ def main() -> None:
             print(f"{'loader (samples/s, one core)':<34}" + "  ".join(f"{k} {v:.2f}" for k, v in loader.items()))
         if "ddp" in parts:
             ddp = details["ddp"] = ddp_efficiency(bench_config(root, tmp / "ddp", 16, (256, 512), 2),
-                                                  4 if args.quick else 8, 1 if args.quick else 3, tmp)
+                                                  4 if args.quick else 8, 1 if args.quick else 5, tmp)
             figures["ddp_weak_scaling_efficiency"] = ddp["efficiency"]
             print(f"{'DDP step (s, median of rounds)':<34}1 proc {ddp['step_s_1proc']:.3f}  "
                   f"2 procs {ddp['step_s_2proc']:.3f}  2 independent procs {ddp['step_s_2independent']:.3f}")

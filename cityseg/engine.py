@@ -24,6 +24,7 @@ from .labels import IGNORE_INDEX
 from .logger import RunLogger, resolve_wandb_mode
 from .model import build_model
 from .signals import StopFlag, name
+from .shm import average_gradients_hook, shared_memory_sum
 from .syncbn import convert_sync_batchnorm
 from .transforms import TrainTransform, to_input, to_target
 
@@ -75,6 +76,12 @@ def build_model_for(cfg: TrainConfig, ctx: du.DistContext) -> tuple[nn.Module, n
         return model, model
     ddp = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
               forward_sync_buffers=False, gradient_as_bucket_view=True)  # SyncBN keeps buffers equal
+    if ctx.device.type == "cpu":
+        # Gradients of ranks on one host are averaged through shared memory too (gloo otherwise): gloo's
+        # threads would compete for the cores the ranks compute on.
+        summer = shared_memory_sum(slot_bytes=1 << 20)
+        if summer is not None:
+            ddp.register_comm_hook(summer, average_gradients_hook)
     return model, ddp
 
 

@@ -1,15 +1,20 @@
-"""Sum small tensors over the ranks of one host through shared memory, for CPU synchronised BatchNorm.
+"""Sum tensors over the ranks of one host through shared memory: CPU synchronised BatchNorm's statistics and
+DDP's gradients.
 
 BatchNorm synchronises twice per layer and step, a few hundred bytes each time, and a gloo all_gather of that
 takes about 0.4 ms on the 2-core CI machine. Ranks on one host can instead write their part into shared pages
 and read each other's, which costs little more than waiting for the slowest rank (``bench/run.py`` prints both).
+Gradients go the same way, a slot at a time, in the backward pass (:func:`average_gradients_hook`): gloo would
+all-reduce them on threads of its own, which compete for the cores the ranks compute on.
 
 Each rank owns two payload buffers (used alternately) and a call counter in a file under ``/dev/shm``. Call k
 writes the payload into buffer k % 2, then publishes k; a rank reads the others' buffers once all counters have
 reached k. Rank r cannot reach call k + 2, and overwrite buffer k % 2, before every rank has published k + 1,
 which each does only after reading call k's buffers. Publishing relies on x86's ordering of stores (payload
-before counter) and of loads (counter before payload), so other architectures keep gloo; the payloads are
-kilobytes, far below the sizes at which memcpy switches to non-temporal stores, which x86 does not order.
+before counter) and of loads (counter before payload), so other architectures keep gloo. Two kinds of x86
+store are not ordered that way: the stores within one string instruction (ordered as a whole against the
+counter's later, separate store) and non-temporal stores, which glibc's memcpy uses only above its
+non-temporal threshold (megabytes or more) and fences before it returns.
 """
 
 from __future__ import annotations
@@ -50,16 +55,39 @@ class SharedMemorySum:
         a = t.detach().contiguous().numpy()
         if a.nbytes > self.slot:
             raise ValueError(f"{a.nbytes} bytes do not fit a {self.slot}-byte shared-memory slot")
+        parts = [torch.from_numpy(p.reshape(a.shape)) for p in self._exchange(a.reshape(-1))]
+        return torch.stack(parts).sum(dim=0)  # stack copies out of the buffers before they can be reused
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """Replace contiguous ``t`` by its sum over the ranks, in rank order, a slot at a time; return ``t``.
+
+        For tensors of any size, such as DDP's gradient buckets: each slot-sized piece is one exchange.
+        """
+        flat = t.detach().view(-1)  # a view: raises for a non-contiguous tensor instead of summing a copy
+        a = flat.numpy()
+        step = self.slot // a.itemsize
+        for start in range(0, a.size, step):
+            parts = [torch.from_numpy(p) for p in self._exchange(a[start:start + step])]
+            piece = flat[start:start + step]
+            piece.copy_(parts[0])  # this rank's part is in its buffer already, so it may be overwritten
+            for p in parts[1:]:
+                piece.add_(p)
+        return t
+
+    def _exchange(self, a: np.ndarray) -> list[np.ndarray]:
+        """Publish 1-D ``a`` (at most a slot) and return every rank's, as views of the buffers of this call.
+
+        The views stay valid until this rank's next call: no rank can start overwriting them before every rank
+        has published that call.
+        """
         self._k += 1
         k, half = self._k, self._k % 2
-        self._buffers[self.rank][half][: a.nbytes] = a.reshape(-1).view(np.uint8)
+        self._buffers[self.rank][half][: a.nbytes] = a.view(np.uint8)
         self._calls[self.rank] = k  # publish only after the payload is written
         for r in range(self.world):
             if self._calls[r] < k:
                 self._wait(r, k)
-        parts = [torch.from_numpy(self._buffers[r][half][: a.nbytes].view(a.dtype).reshape(a.shape))
-                 for r in range(self.world)]
-        return torch.stack(parts).sum(dim=0)  # stack copies out of the buffers before they can be reused
+        return [self._buffers[r][half][: a.nbytes].view(a.dtype) for r in range(self.world)]
 
     def _wait(self, r: int, k: int) -> None:
         """Spin (yielding the core) until rank r publishes call k; raise if it died or the timeout passed."""
@@ -71,10 +99,26 @@ class SharedMemorySum:
                 last_check = now
                 if self.pids is not None and not _alive(self.pids[r]):
                     raise RuntimeError(f"rank {r} (pid {self.pids[r]}) exited while rank {self.rank} waited for "
-                                       "its BatchNorm statistics; its own log has the cause.")
+                                       "its BatchNorm statistics or gradients; its own log has the cause.")
                 if now - start > self.timeout:
-                    raise RuntimeError(f"rank {r} sent no BatchNorm statistics for {self.timeout:.0f} s; "
-                                       "it is stuck or ran a different number of BatchNorm layers.")
+                    raise RuntimeError(f"rank {r} sent no BatchNorm statistics or gradients for "
+                                       f"{self.timeout:.0f} s; it is stuck or ran a different model or step.")
+
+
+def average_gradients_hook(summer: SharedMemorySum, bucket):  # type: ignore[no-untyped-def]
+    """A DDP communication hook: average a gradient bucket over the ranks through ``summer``.
+
+    (Unannotated: DDP rejects a hook whose annotations are not the objects ``dist.GradBucket`` and
+    ``torch.futures.Future[torch.Tensor]``, and this module's annotations are strings.)
+
+    Register it with ``ddp.register_comm_hook(summer, average_gradients_hook)``. The sum runs in the backward
+    pass itself, where gloo's all_reduce would run on threads of its own; on a CPU host those threads compete
+    for the cores the ranks compute on. The result is the same on every rank, bit for bit.
+    """
+    grads = summer.sum_(bucket.buffer()).div_(summer.world)
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    fut.set_result(grads)
+    return fut
 
 
 def shared_memory_sum(group: Any = None, slot_bytes: int = 1 << 16,
@@ -115,7 +159,7 @@ def _create(size: int) -> tuple[str, bytes]:
     cannot be made (a full or read-only /dev/shm), which makes every rank fall back to gloo."""
     token = secrets.token_bytes(TOKEN)
     try:
-        fd, path = tempfile.mkstemp(prefix="cityseg-syncbn-", dir=SHM_DIR)
+        fd, path = tempfile.mkstemp(prefix="cityseg-sum-", dir=SHM_DIR)
     except OSError:
         return "", b""
     try:

@@ -1,7 +1,9 @@
-"""The shared-memory sum over ranks of one host: exact rank-order sums, agreement to fall back, no silent hang."""
+"""The shared-memory sum over ranks of one host: exact rank-order sums, agreement to fall back, no silent hang,
+and DDP gradients averaged through it."""
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -13,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cityseg import shm
 from conftest import free_port
@@ -46,20 +49,40 @@ def _sum_worker(rank: int, world: int, port: int, out: str) -> None:
             if jitter.random() < 0.3:  # put the ranks out of step, so fast ranks race ahead into the next call
                 time.sleep(jitter.random() * 0.005)
             got.append(summer(_tensor(call, rank)))
+            if call % 7 == 0:  # in-place sums of tensors many slots long, between the small ones
+                big = _big(call, rank)
+                assert summer.sum_(big) is big
+                got.append(big)
         torch.save(got, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
+def _big(call: int, rank: int) -> torch.Tensor:
+    """A tensor 3.4 to 5.3 slots long (an odd number of elements), as a DDP gradient bucket is."""
+    g = torch.Generator().manual_seed(7919 * call + rank)
+    dtype = torch.float32 if call % 2 else torch.float64
+    n = 257 * 8 * (7 + call % 4) // (2 * dtype.itemsize) * 2 + 1
+    return torch.randn(n, generator=g, dtype=dtype) * 10 ** (call % 5)
+
+
 def test_sums_equal_rank_order_sums_bit_for_bit(tmp_path):
     world = 3
     mp.spawn(_sum_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    expected = []
+    for call in range(CALLS):
+        expected.append(torch.stack([_tensor(call, r) for r in range(world)]).sum(dim=0))
+        if call % 7 == 0:
+            total = _big(call, 0)
+            for r in range(1, world):
+                total += _big(call, r)  # rank order, as in a left-to-right sum
+            expected.append(total)
     for rank in range(world):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        for call, value in enumerate(got):
-            expected = torch.stack([_tensor(call, r) for r in range(world)]).sum(dim=0)
-            assert value.dtype == expected.dtype and torch.equal(value, expected), (rank, call)
-    assert not [p for p in os.listdir("/dev/shm") if p.startswith("cityseg-syncbn-")]  # nothing left behind
+        assert len(got) == len(expected)
+        for i, (value, want) in enumerate(zip(got, expected)):
+            assert value.dtype == want.dtype and torch.equal(value, want), (rank, i)
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith("cityseg-sum-")]  # nothing left behind
 
 
 def _fallback_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -101,6 +124,44 @@ def _stall_worker(rank: int, world: int, port: int, out: str, peer_exits: bool) 
 def test_a_missing_peer_raises_instead_of_hanging(tmp_path, peer_exits):
     mp.spawn(_stall_worker, args=(2, free_port(), str(tmp_path), peer_exits), nprocs=2, join=True)
     result = json.loads((tmp_path / "rank0.json").read_text())
-    expected = "rank 1 (pid" if peer_exits else "rank 1 sent no BatchNorm statistics for 2 s"
+    expected = "rank 1 (pid" if peer_exits else "rank 1 sent no BatchNorm statistics or gradients for 2 s"
     assert expected in result["message"]
     assert result["seconds"] < 5
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    _init(rank, world, port)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3),
+                                    torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(16 * 8 * 8, 10))
+        plain = copy.deepcopy(model)
+        ddp = DDP(model, bucket_cap_mb=0.01, gradient_as_bucket_view=True)  # several buckets
+        summer = shm.shared_memory_sum(slot_bytes=1000)  # and several slots per bucket
+        assert summer is not None
+        ddp.register_comm_hook(summer, shm.average_gradients_hook)
+        steps = []
+        for step in range(3):  # DDP rebuilds its buckets after the first step
+            g = torch.Generator().manual_seed(100 * step + rank)
+            x = torch.randn(4, 3, 12, 12, generator=g) * (rank + 1)
+            ddp.zero_grad(), plain.zero_grad()
+            ddp(x).square().mean().backward()
+            plain(x).square().mean().backward()
+            steps.append({"ddp": [p.grad.clone() for p in model.parameters()],
+                          "local": [p.grad.clone() for p in plain.parameters()]})
+        torch.save(steps, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_hook_averages_gradients(tmp_path):
+    world = 3
+    mp.spawn(_ddp_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    runs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    for step in range(3):
+        for i, grad in enumerate(runs[0][step]["ddp"]):
+            mean = sum(run[step]["local"][i] for run in runs) / world  # each rank's own gradient, averaged
+            assert grad.abs().max() > 0
+            torch.testing.assert_close(grad, mean, rtol=1e-5, atol=1e-7)
+            for run in runs[1:]:  # and every rank steps with the same bits
+                assert torch.equal(run[step]["ddp"][i], grad), (step, i)
