@@ -23,8 +23,8 @@ from .evaluation import Predictor, amp_dtype, autocast, evaluate, make_pictures,
 from .labels import IGNORE_INDEX
 from .logger import RunLogger, resolve_wandb_mode
 from .model import build_model
-from .signals import StopFlag, name
 from .shm import average_gradients_hook, shared_memory_sum
+from .signals import StopFlag, name
 from .syncbn import convert_sync_batchnorm
 from .transforms import TrainTransform, to_input, to_target
 
