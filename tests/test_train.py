@@ -170,10 +170,15 @@ def test_gradient_accumulation_trains_like_the_same_micro_batches_on_more_proces
 
 
 def test_compiled_model_trains_like_eager(synthetic_root, tmp_path):
-    args = ["--max-iters", "2", "--eval-every", "0", "--lr", "0.05", "--batch-size", "2", "--num-pictures", "0"]
-    _train(synthetic_root, tmp_path / "eager", 0, *args)
-    _train(synthetic_root, tmp_path / "compiled", 0, *args, "--compile")
-    a, b = load(tmp_path / "eager" / "last.pt"), load(tmp_path / "compiled" / "last.pt")
-    assert not any(k.startswith("_orig_mod.") for k in b["model"])
-    for k, v in a["model"].items():
-        torch.testing.assert_close(b["model"][k], v, atol=1e-4, rtol=1e-3, msg=k)
+    # Compiled alone, and compiled under DDP (2 processes x batch 1, gradients through the shared-memory hook),
+    # against eager 1 process x batch 2.
+    args = ["--max-iters", "2", "--eval-every", "0", "--lr", "0.05", "--num-pictures", "0", "--batch-size"]
+    _train(synthetic_root, tmp_path / "eager", 0, *args, "2")
+    _train(synthetic_root, tmp_path / "compiled", 0, *args, "2", "--compile")
+    _train(synthetic_root, tmp_path / "compiled_ddp", 2, *args, "1", "--compile")
+    a = load(tmp_path / "eager" / "last.pt")
+    for run in ("compiled", "compiled_ddp"):
+        b = load(tmp_path / run / "last.pt")
+        assert not any(k.startswith("_orig_mod.") for k in b["model"])
+        for k, v in a["model"].items():
+            torch.testing.assert_close(b["model"][k], v, atol=1e-4, rtol=1e-3, msg=f"{run}: {k}")
