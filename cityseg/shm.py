@@ -108,12 +108,12 @@ class SharedMemorySum:
 def average_gradients_hook(summer: SharedMemorySum, bucket):  # type: ignore[no-untyped-def]
     """A DDP communication hook: average a gradient bucket over the ranks through ``summer``.
 
-    (Unannotated: DDP rejects a hook whose annotations are not the objects ``dist.GradBucket`` and
-    ``torch.futures.Future[torch.Tensor]``, and this module's annotations are strings.)
-
     Register it with ``ddp.register_comm_hook(summer, average_gradients_hook)``. The sum runs in the backward
     pass itself, where gloo's all_reduce would run on threads of its own; on a CPU host those threads compete
     for the cores the ranks compute on. The result is the same on every rank, bit for bit.
+
+    It is unannotated because DDP rejects a hook whose annotations are not the objects ``dist.GradBucket``
+    and ``torch.futures.Future[torch.Tensor]``, and this module's annotations are strings.
     """
     grads = summer.sum_(bucket.buffer()).div_(summer.world)
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
