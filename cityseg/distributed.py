@@ -58,6 +58,16 @@ def _launch_env() -> tuple[int, int, int]:
     return int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1"))
 
 
+#: How long a collective may wait for a peer before it raises (a peer that died or hangs).
+TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def new_gloo_group() -> Any:
+    """A gloo group of all ranks (collective: every rank calls it), for host-side traffic kept apart from the
+    default group's."""
+    return dist.new_group(backend="gloo", timeout=TIMEOUT)
+
+
 def init(device: str = "auto") -> DistContext:
     """Join the process group described by torchrun/SLURM-style env variables, or run alone."""
     rank, local_rank, world = _launch_env()
@@ -67,11 +77,10 @@ def init(device: str = "auto") -> DistContext:
         if not dist.is_initialized():
             backend = "nccl" if dev.type == "cuda" else "gloo"
             kwargs: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
-            timeout = datetime.timedelta(minutes=30)
             if "TORCHELASTIC_RESTART_COUNT" in os.environ:
-                kwargs["store"] = _elastic_store(rank, world, timeout)
-            dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
-        control = dist.new_group(backend="gloo")
+                kwargs["store"] = _elastic_store(rank, world, TIMEOUT)
+            dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=TIMEOUT, **kwargs)
+        control = new_gloo_group()
     return DistContext(rank=rank, local_rank=local_rank, world_size=world, device=dev, control_group=control)
 
 

@@ -15,15 +15,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
 from . import distributed as du
-from .allocator import keep_freed_memory
 from .config import TrainConfig, save_yaml
 from .data import CityscapesDataset, TrainSampler, make_loader, shutdown
 from .errors import UserError
-from .evaluation import Predictor, amp_dtype, autocast, evaluate, make_pictures, val_loader
+from .evaluation import Predictor, evaluate, make_pictures, val_loader
 from .labels import IGNORE_INDEX
 from .logger import RunLogger, resolve_wandb_mode
 from .model import build_model
-from .shm import average_gradients_hook, shared_memory_sum
+from .precision import amp_dtype, autocast
 from .signals import StopFlag, name
 from .syncbn import convert_sync_batchnorm
 from .transforms import TrainTransform, to_input, to_target
@@ -61,11 +60,10 @@ def build_model_for(cfg: TrainConfig, ctx: du.DistContext) -> tuple[nn.Module, n
     model = build_model(cfg.width)
     if ctx.device.type == "cpu":
         # Our own BatchNorm on CPU, also alone: PyTorch's channels_last CPU kernel takes its statistics with
-        # errors tens of times those of its NCHW one (3e-5 against 9e-7 for data of mean 10; tested), ours
-        # stays at NCHW's.
-        # Between processes its small sums go through shared memory on one host, else through a gloo group
-        # of their own: on the default group they would queue behind DDP's gradient buckets.
-        group = dist.new_group(backend="gloo") if ctx.distributed else None
+        # errors tens of times those of its NCHW one (tests/test_syncbn.py measures both), ours stays at NCHW's.
+        # Between processes its small sums go through a gloo group of their own: on the default group they
+        # would queue behind DDP's gradient buckets.
+        group = du.new_gloo_group() if ctx.distributed else None
         model = convert_sync_batchnorm(model, ctx.device, group)
     elif ctx.distributed:
         model = convert_sync_batchnorm(model, ctx.device)
@@ -76,12 +74,6 @@ def build_model_for(cfg: TrainConfig, ctx: du.DistContext) -> tuple[nn.Module, n
         return model, model
     ddp = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
               forward_sync_buffers=False, gradient_as_bucket_view=True)  # SyncBN keeps buffers equal
-    if ctx.device.type == "cpu":
-        # Gradients of ranks on one host are averaged through shared memory too (gloo otherwise): gloo's
-        # threads would compete for the cores the ranks compute on.
-        summer = shared_memory_sum(slot_bytes=1 << 20)
-        if summer is not None:
-            ddp.register_comm_hook(summer, average_gradients_hook)
     return model, ddp
 
 
@@ -91,8 +83,6 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: du.DistContext, stop: StopFlag):
         self.cfg, self.ctx, self.stop = cfg, ctx, stop
         self.out = Path(cfg.out_dir)
-        if ctx.device.type == "cpu":
-            keep_freed_memory()  # activations are reused from the heap, not page-faulted in every step
         self.channels_last = True  # inputs in the model's memory format
         self.dtype = amp_dtype(cfg.amp, ctx.device)
         train_set = CityscapesDataset(cfg.data_root, cfg.train_split,
@@ -267,7 +257,7 @@ class Trainer:
         first = self.window.first_bad.clone()
         first = torch.where(first < 0, torch.full_like(first, float("inf")), first)
         if du.is_enabled():
-            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
         what = f"the training loss became non-finite at iteration {int(first)}" if torch.isfinite(first) else ""
         if not what and weights:
             tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]

@@ -15,6 +15,10 @@ class UserError(Exception):
     collective = False
 
 
+class DataError(UserError):
+    """Bad input data; the message names the path and what is wrong."""
+
+
 def one_line(exc: BaseException) -> str:
     """The user-facing sentence of ``exc``, also when a DataLoader worker re-raised it with its traceback."""
     text = str(exc).strip()

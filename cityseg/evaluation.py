@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
@@ -24,6 +23,7 @@ from .labels import NUM_CLASSES, colorize
 from .logger import RunLogger, resolve_wandb_mode
 from .metrics import ConfusionMatrix, format_table
 from .model import build_model
+from .precision import amp_dtype, autocast
 from .transforms import to_input, to_target
 from .visualize import confusion_heatmap, iou_bars, overlay, panel, write_rgb
 
@@ -81,21 +81,6 @@ class EvalConfig:
         """The :class:`InferenceMode` these flags describe."""
         return InferenceMode(self.mode, parse_hw(self.window, "--window"), parse_hw(self.stride, "--stride"),
                              self.tta == "flip", self.scale_list())
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``--amp`` (None = full precision)."""
-    if amp == "auto":
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_ok else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``dtype``, or nothing when running in full precision."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclass

@@ -1,12 +1,6 @@
-"""A decoded, memory-mapped copy of a split, so training reads pixels instead of decoding PNGs.
+"""Write the decoded, memory-mapped copy of a split (:mod:`cityseg.cache` reads it).
 
     python -m cityseg.prepare --data-root /path/to/cityscapes --split train [--cache-dir /local/ssd/cache]
-
-Decoding a 2048x1024 Cityscapes PNG costs tens of milliseconds of CPU; with crop-before-resize the training
-augmentation touches only the source window of each crop, so a memory-mapped cache of decoded uint8 images
-and trainId labels lets a single core feed a GPU. The dataset uses the cache automatically when it exists
-and lists exactly the split's images; the pixels are identical to the PNG path, so are the samples and
-their augmentation.
 """
 
 from __future__ import annotations
@@ -21,56 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .data import DataError, Sample, list_samples, read_image, read_label
-from .errors import report_user_errors
-
-INDEX = "index.json"
-
-
-def default_cache_dir(data_root: str | Path) -> Path:
-    """Where the cache lives unless ``--cache-dir`` says otherwise."""
-    return Path(data_root) / "cityseg_cache"
-
-
-class DecodedCache:
-    """Read-only view of a prepared split; opens its memory maps lazily in each process (picklable)."""
-
-    def __init__(self, directory: str | Path):
-        self.dir = Path(directory)
-        meta = json.loads((self.dir / INDEX).read_text())
-        self.names = [e["name"] for e in meta["images"]]
-        self.entries = meta["images"]
-        self._maps: tuple[np.memmap, np.memmap] | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": None}  # never pickle the mapped arrays into workers
-
-    def _open(self) -> tuple[np.memmap, np.memmap]:
-        if self._maps is None:
-            self._maps = (np.memmap(self.dir / "images.u8", dtype=np.uint8, mode="r"),
-                          np.memmap(self.dir / "labels.u8", dtype=np.uint8, mode="r"))
-        return self._maps
-
-    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Image (HxWx3 RGB) and trainId label (HxW) of entry ``i`` as views into the maps (no copy)."""
-        images, labels = self._open()
-        e = self.entries[i]
-        h, w = e["height"], e["width"]
-        image = images[e["offset"] * 3: (e["offset"] + h * w) * 3].reshape(h, w, 3)
-        label = labels[e["offset"]: e["offset"] + h * w].reshape(h, w)
-        return image, label
-
-
-def find_cache(cache_dir: str | Path, split: str, samples: Sequence[Sample]) -> DecodedCache | None:
-    """The prepared cache of ``split`` if it exists and holds exactly these images, else None."""
-    directory = Path(cache_dir) / split
-    if not (directory / INDEX).is_file():
-        return None
-    cache = DecodedCache(directory)
-    if cache.names != [s.name for s in samples]:
-        raise DataError(f"{directory}: the decoded cache lists other images than {split}; rerun "
-                        f"`python -m cityseg.prepare` for this split, or delete the directory.")
-    return cache
+from .cache import IMAGES, INDEX, LABELS, default_cache_dir
+from .data import list_samples, read_image, read_label
+from .errors import DataError, report_user_errors
 
 
 def prepare(data_root: str | Path, split: str, cache_dir: str | Path | None = None) -> Path:
@@ -80,7 +27,7 @@ def prepare(data_root: str | Path, split: str, cache_dir: str | Path | None = No
     tmp = target.with_name(f".{split}.tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     entries, offset = [], 0
-    with open(tmp / "images.u8", "wb") as fi, open(tmp / "labels.u8", "wb") as fl:
+    with open(tmp / IMAGES, "wb") as fi, open(tmp / LABELS, "wb") as fl:
         for s in samples:
             image, label = read_image(s.image), read_label(s.label)
             if label.shape != image.shape[:2]:
