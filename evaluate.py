@@ -5,9 +5,9 @@
 Writes OUT/metrics.json (OUT = --out-dir, or the checkpoint's directory). Every flag: python evaluate.py --help
 """
 
-from cityseg.config import parse_config
+from cityseg.config import EvalConfig, parse_config
 from cityseg.errors import report_user_errors
-from cityseg.evaluation import EvalConfig, run_evaluation
+from cityseg.evaluation import run_evaluation
 
 
 def main(argv=None) -> None:

@@ -11,19 +11,19 @@ Starting again with the same --out-dir resumes from OUT/last.pt. SIGTERM, SIGINT
 ranks finish their step, save a checkpoint and exit with status 128 + signal number. Every flag: --help
 """
 
-import sys
-
 from cityseg.config import parse_config
 from cityseg.engine import train
 from cityseg.errors import report_user_errors
+from cityseg.signals import exit_now, exit_on_stop_signals
 
 
 def main(argv=None) -> None:
+    exit_on_stop_signals()  # before training takes the signals over, and after it gives them back
     with report_user_errors():
         cfg = parse_config(argv)
         result = train(cfg)
     if result["stopped_by"]:
-        sys.exit(128 + result["stopped_by"])
+        exit_now(128 + result["stopped_by"])  # everything is saved and closed
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@
 On the same synthetic full-resolution (1024x2048) Cityscapes files it measures:
   loader samples/s on one core for a reference pipeline written the way torchvision's segmentation reference
   does it (PIL decode, resize the whole image, crop, flip, float normalisation on the CPU), our PNG path, our
-  fast path (decoded memory-mapped cache, crop before resize), and two floors: PNG decode alone, and the
-  irreducible work of the fast path (copy the source window's bytes, resize it once to the crop);
+  fast path (decoded memory-mapped cache, crop before resize), both also with the reference recipe's
+  augmentation (crops retried while one class covers more than 75%, full photometric distortion), and two
+  floors: PNG decode alone, and the irreducible work of the fast path (copy the source window's bytes, resize
+  it once to the crop);
   DDP weak scaling (2 processes x 1 thread against 1 process x 1 thread, same per-process batch), printed as
   information only: CPU runs are for the demo and the tests, users train on GPUs;
   the training-loop overhead of our step against a bare forward/backward/step loop;
@@ -35,6 +37,8 @@ import torch  # noqa: E402
 GOALS = {  # key: (comparison, target)
     "loader_fast_vs_reference": (">=", 20.0),
     "loader_png_vs_reference": (">=", 2.0),
+    "loader_fast_recipe_vs_reference": (">=", 20.0),  # with the recipe's class-aware crops and full photometric
+    "loader_png_recipe_vs_reference": (">=", 2.0),
     "loader_fast_vs_floor": ("<=", 1.5),
     "train_loop_overhead": ("<=", 0.03),
     "resume_late_vs_early": ("<=", 1.5),
@@ -94,6 +98,10 @@ def loader_rates(root: Path, cache: Path, n: int) -> dict[str, float]:
     transform = TrainTransform(CROP, (0.5, 2.0), seed=0)
     png = CityscapesDataset(root, "train", transform, cache_dir="none")
     fast = CityscapesDataset(root, "train", transform, cache_dir=cache)
+    # the reference recipe's augmentation: crops retried while one class covers more than 75%, full photometric
+    recipe = TrainTransform(CROP, (0.5, 2.0), seed=0, cat_max_ratio=0.75, photometric_kind="full")
+    png_recipe = CityscapesDataset(root, "train", recipe, cache_dir="none")
+    fast_recipe = CityscapesDataset(root, "train", recipe, cache_dir=cache)
     assert fast.cache is not None
     pairs = [(s.image, s.label) for s in png.samples]
     raw = DecodedCache(cache / "train")
@@ -111,7 +119,7 @@ def loader_rates(root: Path, cache: Path, n: int) -> dict[str, float]:
 
     def floor_fast(i: int) -> None:
         image, label = raw.load(i % m)
-        scale, top, left, _, _ = transform.params(image.shape[:2], 0, i % m)
+        scale, ((top, left),), _, _ = transform.params(image.shape[:2], 0, i % m)
         inv = 1 / scale
         y0, x0 = int(top * inv), int(left * inv)
         y1, x1 = min(image.shape[0], int((top + CROP[0]) * inv) + 1), min(image.shape[1], int((left + CROP[1]) * inv) + 1)
@@ -124,6 +132,8 @@ def loader_rates(root: Path, cache: Path, n: int) -> dict[str, float]:
         "reference": rate(lambda i: reference_sample(pairs, i, ID_TO_TRAIN), n),
         "png": rate(lambda i: png[(0, i % m)], n),
         "fast": rate(lambda i: fast[(0, i % m)], 4 * n),
+        "png_recipe": rate(lambda i: png_recipe[(0, i % m)], n),
+        "fast_recipe": rate(lambda i: fast_recipe[(0, i % m)], 4 * n),
         "floor_png_decode": rate(floor_png, n),
         "png_decode_opencv": rate(opencv_png, n),
         "floor_fast": rate(floor_fast, 4 * n),
@@ -308,6 +318,9 @@ def main() -> None:
             figures["loader_fast_vs_reference"] = loader["fast"] / loader["reference"]
             figures["loader_png_vs_reference"] = loader["png"] / loader["reference"]
             figures["loader_fast_vs_floor"] = loader["floor_fast"] / loader["fast"]
+            figures["loader_fast_recipe_vs_reference"] = loader["fast_recipe"] / loader["reference"]
+            figures["loader_png_recipe_vs_reference"] = loader["png_recipe"] / loader["reference"]
+            info["class_aware_crop_cost_fast"] = loader["fast"] / loader["fast_recipe"]  # time ratio
             print(f"{'loader (samples/s, one core)':<34}" + "  ".join(f"{k} {v:.2f}" for k, v in loader.items()))
         if "ddp" in parts:
             ddp = details["ddp"] = ddp_efficiency(bench_config(root, tmp / "ddp", 16, (256, 512), 2),

@@ -31,15 +31,17 @@ def save(state: dict[str, Any], path: str | Path) -> None:
     A failure (disk full, no permission) leaves the previous file at ``path`` untouched.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = ""
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise CheckpointError(f"{path}: could not write the checkpoint ({e.strerror or e}); free space or fix "
                               f"permissions in {path.parent}. The previous checkpoint there is intact.") from e
     _fsync_dir(path.parent)
@@ -170,3 +172,8 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
             raise CheckpointError(
                 f"{path} was trained with --{name.replace('_', '-')} {saved[name]} but this run asks for "
                 f"{current[name]}; use the same value, or a new --out-dir to start a fresh run.")
+    if (saved.get("aux_weight", 0) > 0) != (current["aux_weight"] > 0):  # the auxiliary head's weights
+        raise CheckpointError(
+            f"{path} was trained {'with' if saved.get('aux_weight', 0) > 0 else 'without'} an auxiliary head "
+            f"(--aux-weight {saved.get('aux_weight', 0)}) but this run asks for --aux-weight "
+            f"{current['aux_weight']}; keep it zero or non-zero as it was, or use a new --out-dir.")

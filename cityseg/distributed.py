@@ -11,6 +11,12 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
+
+class DeviceError(UserError):
+    """The device asked for is not there."""
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -40,10 +46,11 @@ def resolve_device(kind: str, local_rank: int) -> torch.device:
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
+            raise DeviceError("--device: got 'cuda' but no CUDA GPU is visible here; use --device cpu (or auto).",
+                              collective=True)
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                               "start at most one process per GPU.")
+            raise DeviceError(f"--nproc_per_node: local rank {local_rank} has no GPU ({torch.cuda.device_count()} "
+                              f"visible); start at most one process per GPU.")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -137,6 +144,15 @@ def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
     return torch.stack(out)
+
+
+def all_gather_object(obj: object, group: Any = None) -> list[object]:
+    """Every rank's ``obj``, in rank order (``[obj]`` when running alone)."""
+    if not is_enabled():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

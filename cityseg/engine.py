@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -10,20 +12,21 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
 from . import distributed as du
 from .config import TrainConfig, save_yaml
 from .data import CityscapesDataset, TrainSampler, make_loader, shutdown
-from .errors import UserError
+from .errors import DataError, UserError, one_line
 from .evaluation import Predictor, evaluate, make_pictures, val_loader
 from .labels import IGNORE_INDEX
 from .logger import RunLogger, resolve_wandb_mode
+from .losses import ce_sum, ohem_sum
 from .model import build_model
 from .precision import amp_dtype, autocast
-from .signals import StopFlag, name
+from .runlock import own_directory
+from .signals import DATA_ERROR, StopFlag, name
 from .syncbn import convert_sync_batchnorm
 from .transforms import TrainTransform, to_input, to_target
 
@@ -35,12 +38,14 @@ class NonFiniteLossError(UserError):
 
 
 def lr_factor(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup from ``warmup_factor`` to 1, times poly decay ``(1 - it/max_iters) ** poly_power``."""
-    poly = max(0.0, 1.0 - it / cfg.max_iters) ** cfg.poly_power
+    """Poly decay from 1 to ``min_lr / lr``, ``(1 - it/max_iters) ** poly_power`` of the way, times a linear
+    warmup from ``warmup_factor`` to 1 over the first ``warmup_iters``."""
+    floor = cfg.min_lr / cfg.lr
+    decay = floor + (1 - floor) * max(0.0, 1.0 - it / cfg.max_iters) ** cfg.poly_power
     if it < cfg.warmup_iters:
         alpha = it / cfg.warmup_iters
-        return poly * (cfg.warmup_factor * (1 - alpha) + alpha)
-    return poly
+        return decay * (cfg.warmup_factor * (1 - alpha) + alpha)
+    return decay
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
@@ -57,7 +62,7 @@ def build_model_for(cfg: TrainConfig, ctx: du.DistContext) -> tuple[nn.Module, n
     """The U-Net on the device, channels_last, and its DDP wrapper; synchronised BatchNorm when distributed,
     and our CPU BatchNorm on every CPU run."""
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every run
-    model = build_model(cfg.width)
+    model = build_model(cfg.width, aux=cfg.aux_weight > 0)
     if ctx.device.type == "cpu":
         # Our own BatchNorm on CPU, also alone: PyTorch's channels_last CPU kernel takes its statistics with
         # errors tens of times those of its NCHW one (tests/test_syncbn.py measures both), ours stays at NCHW's.
@@ -86,7 +91,8 @@ class Trainer:
         self.channels_last = True  # inputs in the model's memory format
         self.dtype = amp_dtype(cfg.amp, ctx.device)
         train_set = CityscapesDataset(cfg.data_root, cfg.train_split,
-                                      TrainTransform(cfg.crop_hw, (cfg.scale_min, cfg.scale_max), cfg.seed),
+                                      TrainTransform(cfg.crop_hw, (cfg.scale_min, cfg.scale_max), cfg.seed,
+                                                     cfg.cat_max_ratio, cfg.photometric),
                                       cache_dir=cfg.cache_dir or None)
         self.sampler = TrainSampler(len(train_set), cfg.batch_size, ctx.world_size, ctx.rank, cfg.seed)
         pin = ctx.device.type == "cuda"
@@ -204,9 +210,7 @@ class Trainer:
             last = k == len(micro) - 1
             sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
             with sync:  # inner micro-steps skip DDP's gradient all-reduce
-                with autocast(dev, self.dtype):
-                    logits = self.forward(to_input(images, dev, self.channels_last))
-                loss_sum = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX, reduction="sum")
+                loss_sum = self.loss_sum(to_input(images, dev, self.channels_last), y)
                 self.scaler.scale(loss_sum * scale).backward()
             self.window.add(loss_sum.detach(), valid[k], images.shape[0])
         self.scaler.step(self.optimizer)
@@ -214,29 +218,85 @@ class Trainer:
         self.scheduler.step()
         self.window.end_step()
 
-    def micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The stream of this rank's batches across epochs, from the saved position on; the position is
-        advanced as each batch is handed out, so a checkpoint taken after a step resumes after it."""
+    def loss_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss of one micro-batch, summed over its pixels: the main head's (cross-entropy, or OHEM over
+        the global batch), plus ``aux_weight`` times the auxiliary head's cross-entropy."""
+        cfg = self.cfg
+        with autocast(self.ctx.device, self.dtype):
+            out = self.forward(x, aux=True) if cfg.aux_weight > 0 else self.forward(x)
+        logits, aux = out if cfg.aux_weight > 0 else (out, None)
+        if cfg.loss == "ohem":
+            total = ohem_sum(logits, y, cfg.ohem_thresh, cfg.ohem_min_kept)
+        else:
+            total = ce_sum(logits, y)
+        return total if aux is None else total + cfg.aux_weight * ce_sum(aux, y)
+
+    def steps(self) -> Iterator[tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[int, int]]]:
+        """This rank's batches across epochs from the saved position on, ``accum_steps`` micro-batches per
+        optimizer step, each step with the position (epoch, step in epoch) reached after it."""
+        epoch, step, micro = self.epoch, self.step_in_epoch, []
         while True:
-            self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+            self.sampler.set_epoch(epoch, step)
             for images, labels, _ in self.loader:
-                self.step_in_epoch += 1
-                if self.step_in_epoch == self.sampler.steps_per_epoch:
-                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                yield images, labels
+                step += 1
+                if step == self.sampler.steps_per_epoch:
+                    epoch, step = epoch + 1, 0
+                micro.append((images, labels))
+                if len(micro) == self.cfg.accum_steps:
+                    yield micro, (epoch, step)
+                    micro = []
+
+    def _fetch(self) -> None:
+        """Load the batches of one more step ahead (the loop keeps two), unless that is past ``max_iters``.
+
+        A sample that cannot be loaded (a corrupt file) fails this rank's stop flag instead of raising: the
+        ranks agree on it at the end of the next step, which every rank has the batches for, and stop there
+        together, with a checkpoint."""
+        if self._load_error or self.iteration + len(self._ahead) >= self.cfg.max_iters:
+            return
+        try:
+            self._ahead.append(next(self._stream))
+        except UserError as e:
+            self._load_error = one_line(e)
+            self.stop.fail()
 
     def fit(self) -> dict[str, Any]:
         """Train to ``max_iters`` (or until a stop signal), evaluating and checkpointing on the way."""
         self._start_logging()
-        stream = self.micro_batches()
+        self._stream, self._ahead, self._load_error = self.steps(), collections.deque(), ""
+        self._fetch()
+        self._fetch()
+        if self.stop.agree_now() == DATA_ERROR:  # before the first step: nothing new to save
+            raise self._data_error(saved=False)
+        warm_graphs = None
         while self.iteration < self.cfg.max_iters and not self.stopped_by:
-            self.train_step([next(stream) for _ in range(self.cfg.accum_steps)])
+            micro, (self.epoch, self.step_in_epoch) = self._ahead.popleft()
+            self.train_step(micro)
+            warm_graphs = compiled_graphs() if warm_graphs is None else warm_graphs
             self.iteration += 1
             self.log.advance()
+            self._fetch()
             self._after_step()
-        stream.close()
+        self._stream.close()
         self.stop.drain()
+        if self.stopped_by == DATA_ERROR:
+            raise self._data_error(saved=True)
+        if self.cfg.compile and warm_graphs is not None:
+            graphs = compiled_graphs()
+            self.log.info(f"torch.compile: {graphs} graphs compiled, {graphs - warm_graphs} of them after the "
+                          f"first step (recompilations)")
         return self._finish()
+
+    def _data_error(self, saved: bool) -> DataError:
+        """The error of the rank that could not load a sample, for every rank to raise together."""
+        message = next(m for m in du.all_gather_object(self._load_error, self.ctx.control_group) if m)
+        return DataError(self._resume_note(message, saved), collective=True)
+
+    def _resume_note(self, message: str, saved: bool) -> str:
+        where = (f"saved {self.out / ckpt.LAST} at iteration {self.iteration}" if saved
+                 else f"no step was trained since iteration {self.iteration}")
+        return (f"{message.rstrip('.')}. Training stopped and {where}; fix or remove that file (with its "
+                f"image or label) and run the same command to resume.")
 
     def _after_step(self) -> None:
         cfg, it = self.cfg, self.iteration
@@ -282,7 +342,11 @@ class Trainer:
 
     def _evaluate(self) -> None:
         t0 = time.perf_counter()
-        cm = evaluate(self.predictor, self.val)
+        try:
+            cm = evaluate(self.predictor, self.val)
+        except DataError as e:  # raised on every rank together: a val file failed to load
+            self.save_periodic()
+            raise DataError(self._resume_note(one_line(e), saved=True), collective=True) from None
         result = cm.compute()
         miou = result["miou"] if result["miou"] is not None else 0.0
         is_best = miou > self.best_miou
@@ -357,16 +421,35 @@ class _Window:
         return loss / max(pixels, 1.0), rate, step_time
 
 
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has compiled in this process so far (dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def _hms(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def set_determinism(deterministic: bool) -> None:
+    """cuDNN autotuning for speed, or deterministic kernels so that runs repeat bit for bit on GPUs."""
+    torch.backends.cudnn.benchmark = not deterministic  # crops have one size: the tuned choice is reused
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    # warn_only: kernels without a deterministic version (bilinear upsampling's backward, used by the
+    # auxiliary head) still run, with a warning, rather than stopping the run
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run the training a config describes: set up distributed, resume, loop, tear down."""
-    with du.session(cfg.device) as ctx:
+    """Run the training a config describes: set up distributed, own the run directory, resume, loop, tear
+    down."""
+    set_determinism(cfg.deterministic)
+    with du.session(cfg.device) as ctx, own_directory(cfg.out_dir, ctx):
         stop = StopFlag(ctx.control_group).install()
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         trainer = Trainer(cfg, ctx, stop)
         try:
             trainer.resume()

@@ -14,6 +14,11 @@ class UserError(Exception):
     #: True when every rank raises the same error together; then only rank 0 prints it.
     collective = False
 
+    def __init__(self, message: str, collective: bool | None = None):
+        super().__init__(message)
+        if collective is not None:
+            self.collective = collective
+
 
 class DataError(UserError):
     """Bad input data; the message names the path and what is wrong."""

@@ -15,72 +15,18 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import distributed as du
-from .config import ConfigError, check_choices, from_dict, option, parse_hw
-from .data import CityscapesDataset, DataError, ShardSampler, make_loader, read_image, shutdown
+from .config import ConfigError, EvalConfig, from_dict
+from .data import CityscapesDataset, ShardSampler, make_loader, read_image, shutdown
+from .errors import DataError, UserError, one_line
 from .export import official_scores, prediction_path, write_prediction
 from .inference import InferenceMode, predict
 from .labels import NUM_CLASSES, colorize
 from .logger import RunLogger, resolve_wandb_mode
 from .metrics import ConfusionMatrix, format_table
-from .model import build_model
+from .model import build_model, inference_weights
 from .precision import amp_dtype, autocast
 from .transforms import to_input, to_target
 from .visualize import confusion_heatmap, iou_bars, overlay, panel, write_rgb
-
-
-@dataclass
-class EvalConfig:
-    """Evaluate a checkpoint on a Cityscapes split at full resolution (or predict your own images)."""
-
-    checkpoint: str = option("", "Checkpoint to evaluate (a last.pt or best.pt written by train.py).")
-    data_root: str = option("", "Cityscapes root (holding leftImg8bit/ and gtFine/, or the *_trainvaltest wrappers).")
-    split: str = option("val", "Split to evaluate; test has no public labels, so it is export-only.")
-    out_dir: str = option("", "Where metrics.json and pictures go; empty = the checkpoint's directory.")
-    workers: int = option(4, "DataLoader worker processes per process.")
-    device: str = option("auto", "Device type; auto = cuda when available.", ("auto", "cuda", "cpu"))
-    amp: str = option("auto", "Mixed precision; auto = bf16 on CUDA where supported, off on CPU.",
-                      ("auto", "bf16", "fp16", "off"))
-    max_images: int = option(0, "Evaluate at most this many images (0 = all).")
-    mode: str = option("whole", "Inference on the whole image, or in sliding windows.", ("whole", "slide"))
-    window: str = option("512x1024", "Sliding window size HxW (--mode slide).")
-    stride: str = option("341x683", "Sliding window stride HxW (--mode slide); overlapping logits are averaged.")
-    tta: str = option("none", "Test-time augmentation: average with the horizontally flipped image.",
-                      ("none", "flip"))
-    scales: str = option("1.0", "Comma-separated image scales whose predictions are averaged, e.g. "
-                                "0.75,1.0,1.25,1.5,1.75.")
-    export_dir: str = option("", "Write one labelId PNG per image here, in the official Cityscapes format.")
-    official: bool = option(False, "Also run cityscapesscripts' evalPixelLevelSemanticLabeling on the exported "
-                                   "predictions (into --export-dir, or OUT/predictions) and report both.")
-    num_pictures: int = option(4, "Write image|ground truth|prediction|errors panels for the first N images.")
-    images: str = option("", "Predict these images instead (a directory or a glob) and write colour overlays.")
-    wandb: str = option("off", "Log metrics and pictures to Weights & Biases.", ("off", "auto", "online", "offline"))
-    wandb_project: str = option("cityseg", "W&B project.")
-    wandb_entity: str = option("", "W&B entity (team or user); empty uses your default.")
-
-    def __post_init__(self) -> None:
-        check_choices(self)
-        if not self.checkpoint:
-            raise ConfigError("--checkpoint is required: pass the last.pt or best.pt of a training run.")
-        if not self.data_root and not self.images:
-            raise ConfigError("--data-root is required: pass your Cityscapes root (or --images for your own).")
-        parse_hw(self.window, "--window")
-        parse_hw(self.stride, "--stride")
-        self.scale_list()
-
-    def scale_list(self) -> tuple[float, ...]:
-        """``--scales`` as floats."""
-        try:
-            values = tuple(float(s) for s in self.scales.split(",") if s.strip())
-        except ValueError:
-            values = ()
-        if not values or any(v <= 0 for v in values):
-            raise ConfigError(f"--scales must be positive numbers separated by commas, got {self.scales!r}.")
-        return values
-
-    def inference_mode(self) -> InferenceMode:
-        """The :class:`InferenceMode` these flags describe."""
-        return InferenceMode(self.mode, parse_hw(self.window, "--window"), parse_hw(self.stride, "--stride"),
-                             self.tta == "flip", self.scale_list())
 
 
 @dataclass
@@ -112,14 +58,23 @@ OnBatch = Callable[[list[int], torch.Tensor, torch.Tensor], None]
 @torch.no_grad()
 def evaluate(predictor: Predictor, loader: Any, on_batch: OnBatch | None = None) -> ConfusionMatrix:
     """Confusion matrix over this rank's shard, all-reduced over ranks; ``on_batch(indices, labels, pred)``
-    sees every prediction (for exports)."""
+    sees every prediction (for exports). A file that fails to load on any rank raises on every rank (after the
+    collective, so no rank is left waiting in it)."""
     cm = ConfusionMatrix(NUM_CLASSES, predictor.device)
-    for images, labels, index in loader:
-        pred = predictor(images)
-        cm.update(pred, to_target(labels, predictor.device))
-        if on_batch is not None:
-            on_batch(index.tolist(), labels, pred)
-    return cm.all_reduce()
+    error = ""
+    try:
+        for images, labels, index in loader:
+            pred = predictor(images)
+            cm.update(pred, to_target(labels, predictor.device))
+            if on_batch is not None:
+                on_batch(index.tolist(), labels, pred)
+    except UserError as e:
+        error = one_line(e)
+    cm.all_reduce()
+    failed = [m for m in du.all_gather_object(error) if m]
+    if failed:
+        raise DataError(str(failed[0]), collective=True)
+    return cm
 
 
 def val_loader(root: str, split: str, ctx: du.DistContext, workers: int, limit: int = 0, labels: bool = True):
@@ -135,9 +90,9 @@ def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, dict[
     if "config" not in state:
         raise ckpt.CheckpointError(f"{path}: has no saved config; it was not written by cityseg's train.py.")
     width = from_dict(state["config"]).width
-    model = build_model(width)
+    model = build_model(width)  # without the auxiliary head of training, if it had one
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(inference_weights(state["model"]))
     except RuntimeError as e:
         raise ckpt.CheckpointError(f"{path}: weights do not fit a width-{width} U-Net ({e}).") from e
     return model.to(device, memory_format=torch.channels_last).eval(), state  # as in training
@@ -183,7 +138,8 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any] | None:
     """The evaluate.py job: shard the split over ranks, all-reduce once, report on rank 0."""
     with du.session(cfg.device) as ctx:
         model, state = load_model(cfg.checkpoint, ctx.device)
-        predictor = Predictor(model, ctx.device, amp_dtype(cfg.amp, ctx.device), True, cfg.inference_mode())
+        mode = InferenceMode(cfg.mode, cfg.window_hw, cfg.stride_hw, cfg.tta == "flip", cfg.scale_list())
+        predictor = Predictor(model, ctx.device, amp_dtype(cfg.amp, ctx.device), True, mode)
         out = Path(cfg.out_dir or Path(cfg.checkpoint).parent)
         if cfg.images:
             return predict_images(predictor, cfg.images, out / "overlays", ctx)
@@ -198,6 +154,8 @@ def _evaluate_split(cfg: EvalConfig, ctx: du.DistContext, predictor: Predictor, 
         raise ConfigError("the test split has no public labels, so nothing can be scored; pass --export-dir DIR "
                           "to write predictions for the Cityscapes benchmark server.")
     loader, dataset = val_loader(cfg.data_root, cfg.split, ctx, cfg.workers, cfg.max_images, labels=not test)
+    if cfg.mode == "slide":
+        _check_window(cfg, dataset)
     on_batch = None
     if export_dir is not None:
         export_dir.mkdir(parents=True, exist_ok=True)
@@ -232,6 +190,14 @@ def _evaluate_split(cfg: EvalConfig, ctx: du.DistContext, predictor: Predictor, 
     return result
 
 
+def _check_window(cfg: EvalConfig, dataset: CityscapesDataset) -> None:
+    """A sliding window must fit the split's images (Cityscapes images all have one size; the first tells)."""
+    h, w = dataset.load(0)[0].shape[:2]
+    if cfg.window_hw[0] > h or cfg.window_hw[1] > w:
+        raise ConfigError(f"--window: got {cfg.window!r}, larger than the images of split {cfg.split} ({h}x{w}); "
+                          f"use at most {h}x{w}, or --mode whole", field="window")
+
+
 def _report(cfg: EvalConfig, result: dict[str, Any], out: Path, ctx: du.DistContext, export_dir: Path | None) -> None:
     print(format_table(result))
     if "official" in result:
@@ -251,7 +217,7 @@ def _log_wandb(cfg: EvalConfig, result: dict[str, Any], pictures: Pictures, stat
     mode = resolve_wandb_mode(cfg.wandb)
     if mode == "off":
         return
-    log = RunLogger(out, enabled=True, metrics_file="eval_metrics.jsonl")
+    log = RunLogger(out, enabled=True, metrics_file="eval_metrics.jsonl", log_file="eval.log")  # not the run's
     try:
         log.start_wandb(mode, {**state["config"], "eval": {f.name: getattr(cfg, f.name) for f in fields(cfg)}},
                         None, cfg.wandb_project, cfg.wandb_entity, f"eval-{Path(cfg.checkpoint).parent.name}",

@@ -10,6 +10,8 @@ resubmits the very same arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import signal
 import sys
@@ -18,8 +20,10 @@ from typing import Any, Sequence
 
 import submitit
 
-from .config import parse_config
-from .evaluation import EvalConfig, run_evaluation
+from .config import EvalConfig, parse_config
+from .errors import UserError
+from .evaluation import run_evaluation
+from .pending import refuse_if_stuck
 
 SCRIPTS = ("train", "evaluate")
 
@@ -144,8 +148,17 @@ def submit(argv: Sequence[str] | None = None) -> int:
     executor = submitit.AutoExecutor(folder=args.folder, cluster="local" if args.local else "slurm",
                                      slurm_max_num_timeout=args.max_requeues)
     executor.update_parameters(**executor_parameters(args))
-    job = executor.submit(Job(args.script, entry, os.getcwd()))
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr; the message has it
+            job = executor.submit(Job(args.script, entry, os.getcwd()))
+    except submitit.core.utils.FailedJobError as e:  # sbatch refused the request
+        lines = [line for line in str(e).splitlines() if "error" in line.lower()] or [str(e).strip()]
+        raise UserError("sbatch refused the job: " + "; ".join(x.split("error:")[-1].strip() for x in lines)) from None
     print(f"Submitted job {job.job_id}")
+    if not args.local:
+        warning = refuse_if_stuck(str(job.job_id), executor_parameters(args), args.partition)
+        if warning:
+            print(warning, file=sys.stderr)
     print(f"logs: {Path(str(job.paths.stdout).replace('%t', '0'))} (task 0; one file per task)")
     if not args.wait:
         return 0

@@ -41,7 +41,8 @@ def resolve_wandb_mode(mode: str) -> str:
 class RunLogger:
     """Everything a run reports. Only the main rank writes; other ranks get a logger that does nothing."""
 
-    def __init__(self, out_dir: str | Path, enabled: bool, metrics_file: str = "metrics.jsonl"):
+    def __init__(self, out_dir: str | Path, enabled: bool, metrics_file: str = "metrics.jsonl",
+                 log_file: str = "train.log"):
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self.wandb_run = None
@@ -52,7 +53,7 @@ class RunLogger:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out_dir / metrics_file
         self.metrics = open(self.metrics_path, "a", buffering=1)
-        self.text = open(self.out_dir / "train.log", "a", buffering=1)
+        self.text = open(self.out_dir / log_file, "a", buffering=1)
 
     def open_bar(self, total: int, initial: int) -> None:
         """A tqdm bar on a terminal; batch logs (SLURM, CI) get plain lines from :meth:`report` instead."""
@@ -60,7 +61,7 @@ class RunLogger:
             self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, unit="it", smoothing=0.1)
 
     def info(self, message: str) -> None:
-        """A line for the console and ``train.log``."""
+        """A line for the console and the text log (``train.log``)."""
         if not self.enabled:
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -140,7 +141,12 @@ class RunLogger:
             self.bar.close()
             self.bar = None
         if self.wandb_run is not None:
+            import wandb
+
             self.wandb_run.finish()
             self.wandb_run = None
+            # Stop W&B's service process now, while the run's signal handling is in place, rather than in
+            # an exit hook after Python has put the default handlers back (a SIGTERM then kills the process).
+            wandb.teardown()
         self.metrics.close()
         self.text.close()

@@ -39,19 +39,25 @@ class Up(nn.Module):
 
 
 class UNet(nn.Module):
-    """Four-level U-Net; ``width`` is the channel count of the first level (64 = the classic 31M net)."""
+    """Four-level U-Net; ``width`` is the channel count of the first level (64 = the classic 31M net).
+
+    With ``aux`` it also has an auxiliary head for training: a 1x1 classifier on the decoder's half-resolution
+    stage (``2 * width`` channels), whose logits ``forward(x, aux=True)`` returns beside the main ones,
+    upsampled to the input's size.
+    """
 
     multiple = 16  # four 2x poolings
 
-    def __init__(self, num_classes: int = NUM_CLASSES, width: int = 64, in_channels: int = 3):
+    def __init__(self, num_classes: int = NUM_CLASSES, width: int = 64, in_channels: int = 3, aux: bool = False):
         super().__init__()
         w = width
         self.inc = DoubleConv(in_channels, w)
         self.down = nn.ModuleList([Down(w, 2 * w), Down(2 * w, 4 * w), Down(4 * w, 8 * w), Down(8 * w, 16 * w)])
         self.up = nn.ModuleList([Up(16 * w, 8 * w), Up(8 * w, 4 * w), Up(4 * w, 2 * w), Up(2 * w, w)])
         self.head = nn.Conv2d(w, num_classes, 1)
+        self.aux_head = nn.Conv2d(2 * w, num_classes, 1) if aux else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         h, w = x.shape[-2:]
         ph, pw = (-h) % self.multiple, (-w) % self.multiple
         if ph or pw:  # pad bottom/right to a multiple of 16; the logits are cropped back below
@@ -60,11 +66,24 @@ class UNet(nn.Module):
         for down in self.down:
             skips.append(down(skips[-1]))
         y = skips.pop()
-        for up in self.up:
+        for up in self.up[:-1]:
             y = up(y, skips.pop())
-        return self.head(y)[..., :h, :w]
+        half = y  # the half-resolution stage
+        y = self.up[-1](y, skips.pop())
+        logits = self.head(y)[..., :h, :w]
+        if not aux:
+            return logits
+        if self.aux_head is None:
+            raise ValueError("this U-Net was built without an auxiliary head (aux=False)")
+        aux_logits = F.interpolate(self.aux_head(half), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        return logits, aux_logits[..., :h, :w]
 
 
-def build_model(width: int, num_classes: int = NUM_CLASSES) -> UNet:
-    """The U-Net of a config."""
-    return UNet(num_classes=num_classes, width=width)
+def build_model(width: int, num_classes: int = NUM_CLASSES, aux: bool = False) -> UNet:
+    """The U-Net of a config (``aux``: with the auxiliary head, for training)."""
+    return UNet(num_classes=num_classes, width=width, aux=aux)
+
+
+def inference_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's model weights without the auxiliary head, which inference does not use."""
+    return {k: v for k, v in state.items() if not k.startswith("aux_head.")}

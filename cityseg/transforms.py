@@ -1,10 +1,10 @@
 """Augmentation seeded by (seed, epoch, index), crop before resize, and on-device normalisation.
 
-The training augmentation is random scale (0.5-2.0), pad (label 255), random crop, horizontal flip and mild
-photometric jitter. It is computed crop-first: the scale and the window are drawn before any pixel is
-touched, and one OpenCV affine warp reads only the source pixels under the window and writes the crop
-directly, so a 2x scale never builds a 4096x2048 image. The photometric jitter (albumentations) then runs
-on the crop alone.
+The training augmentation is random scale (0.5-2.0), pad (label 255), random crop (optionally retried until
+no class dominates it, ``--cat-max-ratio``), horizontal flip and photometric distortion (``--photometric``).
+It is computed crop-first: the scale and the window are drawn before any pixel is touched, and one OpenCV
+affine warp reads only the source pixels under the window and writes the crop directly, so a 2x scale never
+builds a 4096x2048 image. The photometric distortion (albumentations) then runs on the crop alone.
 """
 
 from __future__ import annotations
@@ -32,51 +32,101 @@ def scaled_crop(src: np.ndarray, scale: float, top: int, left: int, out_hw: tupl
                 interpolation: int, fill: int) -> np.ndarray:
     """The ``out_hw`` window at (top, left) of ``src`` resized by ``scale``, without resizing the rest.
 
-    Only the source rows and columns under the window are read and resized (one ``cv2.resize`` of a view);
-    the window's grid may sit up to half a scaled pixel from that of a whole-image resize, the same for image
-    and label. Pixels of the window beyond the scaled image are ``fill`` (pad-then-crop's bottom/right).
+    Crop pixel (i, j) is pixel (top + i, left + j) of ``src`` resized to ``sh x sw = round(h * scale) x
+    round(w * scale)``, whose centre lies at source ``((left + j + 0.5) * w / sw - 0.5, (top + i + 0.5) * h / sh
+    - 0.5)``, as ``cv2.resize`` maps it. Only those points are sampled, so only the source pixels under the
+    window are read: bilinearly by one affine warp (``cv2.INTER_LINEAR``), or, for labels
+    (``cv2.INTER_NEAREST``), by taking source pixel ``floor((left + j + 0.5) * w / sw)`` in exact integer
+    arithmetic. Pixels of the window beyond the scaled image are ``fill`` (pad-then-crop's bottom/right).
     """
     h, w = src.shape[:2]
     oh, ow = out_hw
     sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
-    iy, ix = h / sh, w / sw  # the exact factors of resizing to the rounded size (sh, sw)
-    bottom, right = min(top + oh, sh), min(left + ow, sw)  # the part of the window inside the scaled image
-    y0, x0 = int(top * iy), int(left * ix)
-    y1, x1 = min(h, int(np.ceil(bottom * iy))), min(w, int(np.ceil(right * ix)))
-    rh, rw = max(1, round((y1 - y0) / iy)), max(1, round((x1 - x0) / ix))
-    resized = cv2.resize(src[y0:y1, x0:x1], (rw, rh), interpolation=interpolation)
-    oy, ox = min(max(round(top - y0 / iy), 0), rh - 1), min(max(round(left - x0 / ix), 0), rw - 1)
-    part = resized[oy:oy + bottom - top, ox:ox + right - left]
-    if part.shape[:2] == (oh, ow):
-        return part
-    out = np.full((oh, ow) + src.shape[2:], fill, dtype=src.dtype)
-    out[:part.shape[0], :part.shape[1]] = part
+    if interpolation == cv2.INTER_NEAREST:
+        rows = np.minimum((2 * np.arange(top, top + oh) + 1) * h // (2 * sh), h - 1)
+        cols = np.minimum((2 * np.arange(left, left + ow) + 1) * w // (2 * sw), w - 1)
+        out = src[rows][:, cols]
+    else:
+        iy, ix = h / sh, w / sw
+        to_source = np.array([[ix, 0.0, (left + 0.5) * ix - 0.5], [0.0, iy, (top + 0.5) * iy - 0.5]])
+        out = cv2.warpAffine(src, to_source, (ow, oh), flags=interpolation | cv2.WARP_INVERSE_MAP,
+                             borderMode=cv2.BORDER_REPLICATE)  # as resize treats the image's own border
+    out[max(0, sh - top):] = fill
+    out[:, max(0, sw - left):] = fill
     return out
 
 
+#: Crop windows tried per sample with ``--cat-max-ratio`` below 1 (mmsegmentation's RandomCrop tries 10).
+CROP_TRIES = 10
+
+
+def photometric(kind: str) -> A.Compose | None:
+    """The photometric distortion of ``--photometric``, or None for ``none``.
+
+    ``full`` has mmsegmentation's PhotoMetricDistortion ranges and structure: brightness +-32, then contrast
+    x0.5-1.5 either before or after saturation x0.5-1.5 and hue +-18 (OpenCV's 180-step hue), each applied with
+    probability 1/2. Saturation is albumentations' (a blend with the grey image, torchvision's definition),
+    where mmsegmentation scales the HSV saturation channel.
+    """
+    if kind == "none":
+        return None
+    if kind == "mild":
+        return A.Compose([A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5)])
+    brightness = A.RandomBrightnessContrast(brightness_limit=(-32 / 255, 32 / 255), contrast_limit=(0, 0),
+                                            brightness_by_max=True, p=0.5)
+    contrast = A.RandomBrightnessContrast(brightness_limit=(0, 0), contrast_limit=(-0.5, 0.5), p=0.5)
+    saturation = A.ColorJitter(brightness=(1, 1), contrast=(1, 1), saturation=(0.5, 1.5), hue=(0, 0), p=0.5)
+    hue = A.HueSaturationValue(hue_shift_limit=18, sat_shift_limit=0, val_shift_limit=0, p=0.5)
+    return A.Compose([brightness, A.OneOf([A.Sequential([contrast, saturation, hue]),
+                                           A.Sequential([saturation, hue, contrast])], p=1.0)])
+
+
+def class_share_ok(label: np.ndarray, max_ratio: float) -> bool:
+    """No class covers more than ``max_ratio`` of the labelled (not ignored) pixels of ``label``."""
+    counts = np.bincount(label.reshape(-1), minlength=256)[:IGNORE_INDEX]
+    total = counts.sum()
+    return bool(total > 0 and counts.max() <= max_ratio * total)
+
+
 class TrainTransform:
-    """Random scale, pad (label 255), random crop, horizontal flip and mild photometric jitter."""
+    """Random scale, pad (label 255), random crop, horizontal flip and photometric distortion."""
 
-    def __init__(self, crop_hw: tuple[int, int], scale_range: tuple[float, float] = (0.5, 2.0), seed: int = 0):
+    def __init__(self, crop_hw: tuple[int, int], scale_range: tuple[float, float] = (0.5, 2.0), seed: int = 0,
+                 cat_max_ratio: float = 1.0, photometric_kind: str = "mild"):
         self.crop_hw, self.scale_range, self.seed = crop_hw, scale_range, seed
-        self.photometric = A.Compose([A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5)])
+        self.cat_max_ratio = cat_max_ratio
+        self.photometric = photometric(photometric_kind)
 
-    def params(self, hw: tuple[int, int], epoch: int, index: int) -> tuple[float, int, int, bool, int]:
-        """(scale, top, left, flip, photometric seed) of a sample; a function of (seed, epoch, index)."""
+    def params(self, hw: tuple[int, int], epoch: int, index: int) -> tuple[float, list[tuple[int, int]], bool, int]:
+        """(scale, crop windows to try, flip, photometric seed) of a sample; a function of (seed, epoch, index).
+
+        One window (top, left) unless ``cat_max_ratio`` < 1; then ``CROP_TRIES``, the first as without it."""
         s = sample_seed(self.seed, epoch, index)
         rng = np.random.default_rng(s)
         scale = float(rng.uniform(*self.scale_range))
         sh, sw = max(1, round(hw[0] * scale)), max(1, round(hw[1] * scale))
-        top = int(rng.integers(0, max(sh - self.crop_hw[0], 0) + 1))
-        left = int(rng.integers(0, max(sw - self.crop_hw[1], 0) + 1))
-        return scale, top, left, bool(rng.random() < 0.5), s
+
+        def window() -> tuple[int, int]:
+            return (int(rng.integers(0, max(sh - self.crop_hw[0], 0) + 1)),
+                    int(rng.integers(0, max(sw - self.crop_hw[1], 0) + 1)))
+
+        windows = [window()]
+        flip = bool(rng.random() < 0.5)
+        if self.cat_max_ratio < 1:
+            windows += [window() for _ in range(CROP_TRIES - 1)]
+        return scale, windows, flip, s
 
     def __call__(self, image: np.ndarray, label: np.ndarray, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        scale, top, left, flip, s = self.params(image.shape[:2], epoch, index)
+        scale, windows, flip, s = self.params(image.shape[:2], epoch, index)
+        for top, left in windows:  # the first window whose classes are balanced enough, else the last
+            lab = scaled_crop(label, scale, top, left, self.crop_hw, cv2.INTER_NEAREST, IGNORE_INDEX)
+            if len(windows) == 1 or class_share_ok(lab, self.cat_max_ratio):
+                break
         img = scaled_crop(image, scale, top, left, self.crop_hw, cv2.INTER_LINEAR, 0)
-        lab = scaled_crop(label, scale, top, left, self.crop_hw, cv2.INTER_NEAREST_EXACT, IGNORE_INDEX)
         if flip:
             img, lab = cv2.flip(img, 1), cv2.flip(lab, 1)
+        if self.photometric is None:
+            return img, lab
         self.photometric.set_random_seed(s)
         return self.photometric(image=img)["image"], lab
 

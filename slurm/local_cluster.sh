@@ -124,13 +124,37 @@ start_munge() {
 }
 
 # ---------------------------------------------------------------- config
+# The machine's CPUs, counted in a way no environment variable changes: `nproc` honours OMP_NUM_THREADS and
+# OMP_THREAD_LIMIT, which many HPC login shells set to 1. slurmd's own count first (what it will register).
+machine_cpus() {
+    local hw
+    hw="$(slurmd -C 2>/dev/null | head -n 1 || true)"
+    if [[ $hw =~ CPUs=([0-9]+) ]]; then
+        echo "${BASH_REMATCH[1]}"
+    else
+        getconf _NPROCESSORS_ONLN
+    fi
+}
+
+# CPUs of the node in the running cluster's slurm.conf (0 if none).
+configured_cpus() {
+    sed -n 's/^NodeName=.* CPUs=\([0-9]*\).*/\1/p' "$CONF" 2>/dev/null | head -n 1 | grep . || echo 0
+}
+
 node_line() {
-    local cpus mem real topo="" hw
-    cpus="$(nproc)"
+    local cpus mem real topo="" hw running
+    cpus="$(machine_cpus)"
+    # `up` on a running cluster never shrinks it: keep its node line as it is.
+    running="$(configured_cpus)"
+    if { is_running slurmctld || is_running slurmd; } && (( running > cpus )); then
+        log "keeping the running cluster's node (CPUs=$running; counted $cpus now)"
+        grep -m 1 '^NodeName=' "$CONF"
+        return
+    fi
     mem="$(free -m | awk '/^Mem:/ {print $2}')"
     # Leave a little headroom so slurmd never reports less than configured.
     real=$(( mem > 2048 ? mem - 512 : mem * 9 / 10 ))
-    # Use slurmd's view of the socket/core/thread layout when it agrees with nproc
+    # Use slurmd's view of the socket/core/thread layout when it agrees with the CPU count
     # (avoids "Node configuration differs from hardware"); otherwise just CPUs.
     hw="$(slurmd -C 2>/dev/null | head -n 1 || true)"
     if [[ $hw =~ CPUs=([0-9]+).*Boards=([0-9]+).*SocketsPerBoard=([0-9]+).*CoresPerSocket=([0-9]+).*ThreadsPerCore=([0-9]+) ]] \
@@ -319,7 +343,7 @@ cmd_up() {
     wait_idle || die "cluster did not come up"
     local version
     version="$(sinfo --version 2>/dev/null | awk '{print $2}')"
-    echo "local SLURM cluster '$CLUSTER_NAME' up: slurm $version, node $NODE ($(nproc) CPUs), partition $PARTITION (default): $(node_state) [$(( SECONDS - t0 ))s]"
+    echo "local SLURM cluster '$CLUSTER_NAME' up: slurm $version, node $NODE ($(configured_cpus) CPUs), partition $PARTITION (default): $(node_state) [$(( SECONDS - t0 ))s]"
 }
 
 cmd_down() {

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
+from cityseg import checkpoint as ckpt
 from cityseg.synthetic import write_tree
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,6 +68,79 @@ def run_script(script: str, args: list[str], nproc: int = 0, timeout: float = 30
     return proc
 
 
+MAX_ITERS = 24
+# log every 3 so that most stops land inside a logging window; eval and checkpoints on their own periods
+ARGS = ["--max-iters", str(MAX_ITERS), "--batch-size", "2", "--lr", "0.05", "--log-every", "3",
+        "--eval-every", "8", "--ckpt-every", "6", "--seed", "11"]
+
+
+def train_args(root, out, *extra) -> list[str]:
+    """train.py arguments of the shared 24-iteration tiny run."""
+    return ["--data-root", str(root), "--out-dir", str(out), *TINY, *ARGS, *extra]
+
+
+@pytest.fixture(scope="session")
+def reference(synthetic_root, tmp_path_factory):
+    """Uninterrupted runs with 1 and 2 processes (computed on first use)."""
+    cache = {}
+
+    def get(nproc: int) -> Path:
+        if nproc not in cache:
+            out = tmp_path_factory.mktemp(f"ref{nproc}")
+            run_script("train.py", train_args(synthetic_root, out), nproc=nproc)
+            cache[nproc] = out
+        return cache[nproc]
+    return get
+
+
+def assert_same_training_state(a: Path, b: Path) -> None:
+    """Bitwise equality of model, optimizer, schedule and scaler, and of the logged metrics."""
+    sa, sb = ckpt.load(a / "last.pt"), ckpt.load(b / "last.pt")
+    assert sa["iteration"] == sb["iteration"] == MAX_ITERS
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+    oa, ob = sa["optimizer"], sb["optimizer"]
+    assert oa["param_groups"] == ob["param_groups"]
+    for i, st in oa["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, ob["state"][i][k]), (i, k)
+    assert sa["scheduler"] == sb["scheduler"] and sa["best_miou"] == sb["best_miou"]
+    assert run_metrics(a) == run_metrics(b)
+
+
+def run_metrics(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "train/images_per_s"} for r in rows]  # timing differs
+
+
+def wait_for_iteration(out: Path, it: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    path, end = out / "metrics.jsonl", time.time() + timeout
+    while time.time() < end:
+        lines = path.read_text().splitlines() if path.is_file() else []
+        done = [json.loads(line)["iteration"] for line in lines if line.endswith("}")]  # complete records
+        if done and max(done) >= it:
+            return
+        assert proc.poll() is None, f"run ended before iteration {it}"
+        time.sleep(0.01)
+    raise AssertionError(f"no iteration {it} within {timeout}s")
+
+
+def worker_pid(agent: int, rank: int) -> int:
+    """PID of the torchrun worker with RANK=rank (a child of the agent)."""
+    children = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
+    for pid in children:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank} under {agent}")
+
+
+def start_training(args, nproc, max_restarts=0, log=None, **popen) -> subprocess.Popen:
+    """Start train.py (plain python, or torchrun with ``nproc`` processes) without waiting for it."""
+    cmd, env = script_command("train.py", args, nproc, max_restarts)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, **popen)
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU-marked tests skip cleanly on machines without CUDA."""
     import torch
@@ -74,3 +151,58 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# -- an independent evaluation, to check evaluate.py's numbers against -------------------------------------------
+CLASS_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+               "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+               "bicycle")
+
+
+def reference_scores(checkpoint: Path, root: Path, split: str = "val") -> dict:
+    """Per-class IoU and accuracy, mIoU and pixel accuracy of a checkpoint, computed without cityseg's
+    evaluation, metrics, data or labels code: OpenCV reads the files, cityscapesscripts' table maps the ids,
+    the U-Net predicts each whole image, numpy counts. IoU by the official rules (a class with neither ground
+    truth nor prediction is left out of the mean)."""
+    import cv2
+    import numpy as np
+    from cityscapesscripts.helpers.labels import labels
+
+    from cityseg.model import UNet
+
+    lut = np.full(256, 255, np.int64)
+    for lab in labels:
+        if 0 <= lab.id < 256 and 0 <= lab.trainId < 19:
+            lut[lab.id] = lab.trainId
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = UNet(width=state["config"]["width"])
+    model.load_state_dict({k: v for k, v in state["model"].items() if not k.startswith("aux_head.")})
+    model = model.to(memory_format=torch.channels_last).eval()  # as evaluate.py runs it, for the same bits
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    mat = np.zeros((19, 19), np.int64)
+    for path in sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png")):
+        rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        gt_path = str(path).replace("leftImg8bit", "gtFine").replace("_gtFine.png", "_gtFine_labelIds.png")
+        gt = lut[cv2.imread(gt_path, cv2.IMREAD_UNCHANGED)]
+        x = ((torch.from_numpy(rgb).permute(2, 0, 1)[None].float() - mean) / std)
+        with torch.no_grad():
+            pred = model(x.contiguous(memory_format=torch.channels_last)).argmax(1)[0].numpy()
+        keep = gt != 255
+        np.add.at(mat, (gt[keep], pred[keep]), 1)
+    tp, gt_count, pred_count = np.diag(mat), mat.sum(1), mat.sum(0)
+    union = gt_count + pred_count - tp
+    iou = {n: (float(tp[i] / union[i]) if union[i] else None) for i, n in enumerate(CLASS_NAMES)}
+    acc = {n: (float(tp[i] / gt_count[i]) if gt_count[i] else None) for i, n in enumerate(CLASS_NAMES)}
+    present = [v for v in iou.values() if v is not None]
+    return {"iou": iou, "acc": acc, "miou": sum(present) / len(present), "pixel_acc": tp.sum() / mat.sum(),
+            "num_pixels": int(mat.sum())}
+
+
+def assert_matches_reference(metrics: dict, expected: dict) -> None:
+    """evaluate.py's metrics.json against :func:`reference_scores`, to float rounding."""
+    assert metrics["num_pixels"] == expected["num_pixels"]
+    for name in CLASS_NAMES:
+        a, b = metrics["iou"][name], expected["iou"][name]
+        assert (a is None and b is None) or abs(a - b) < 1e-9, (name, a, b)
+    assert abs(metrics["miou"] - expected["miou"]) < 1e-9 and abs(metrics["pixel_acc"] - expected["pixel_acc"]) < 1e-9

@@ -1,79 +1,193 @@
-"""The typed config: flags, recipes, precedence and errors."""
+"""The typed configs: flags, recipes, precedence, and one clear line for every bad value of every field."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import subprocess
+import sys
 
 import pytest
+import yaml
 
-from cityseg.config import CONFIG_DIR, ConfigError, TrainConfig, build_parser, from_dict, parse_config
-from cityseg.evaluation import EvalConfig
+from cityseg.config import CONFIG_DIR, ConfigError, EvalConfig, TrainConfig, build_parser, from_dict, parse_config
+from conftest import REPO
+
+ROOT = ["--data-root", "/data/cityscapes"]
 
 
 def test_every_field_is_a_flag_with_help():
-    parser = build_parser(TrainConfig)
-    actions = {a.dest: a for a in parser._actions}
-    for f in dataclasses.fields(TrainConfig):
-        assert f.name in actions, f.name
-        assert f.metadata["help"] and actions[f.name].help.startswith(f.metadata["help"])
-    for name in ("data_root", "out_dir", "max_iters", "batch_size", "crop_size", "width", "lr", "amp", "wandb",
-                 "eval_every", "ckpt_every", "seed", "workers"):
-        assert "--" + name.replace("_", "-") in actions[name].option_strings
+    for cls in (TrainConfig, EvalConfig):
+        parser = build_parser(cls)
+        text = parser.format_help()  # what --help prints
+        actions = {a.dest: a for a in parser._actions}
+        for f in dataclasses.fields(cls):
+            assert f.name in actions, f.name
+            assert f.metadata["help"] and actions[f.name].help.replace("%%", "%").startswith(f.metadata["help"])
+            assert actions[f.name].option_strings[0] == "--" + f.name.replace("_", "-")
+            assert "--" + f.name.replace("_", "-") in text
 
 
 def test_flags_override_recipe_override_defaults(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("width: 16\nlr: 1\nmax-iters: 50\n")
-    cfg = parse_config(["--config", str(recipe), "--lr", "0.5", "--crop-size", "64x128"])
+    cfg = parse_config([*ROOT, "--config", str(recipe), "--lr", "0.5", "--crop-size", "64x128"])
     assert cfg.width == 16 and cfg.max_iters == 50           # from the recipe (dash keys allowed)
     assert cfg.lr == 0.5 and cfg.crop_hw == (64, 128)        # flags win
     assert cfg.batch_size == TrainConfig().batch_size        # untouched default
     assert isinstance(cfg.lr, float)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("widht: 16\n", "unknown key(s) widht"),
-    ("width: sixteen\n", "width must be a int"),
-    ("- 1\n", "expected a mapping"),
-    ("width: [\n", "not valid YAML"),
-])
-def test_bad_recipes_are_one_line_errors(tmp_path, text, message):
-    recipe = tmp_path / "bad.yaml"
-    recipe.write_text(text)
-    with pytest.raises(ConfigError, match=None) as e:
-        parse_config(["--config", str(recipe)])
-    assert message in str(e.value) and str(recipe) in str(e.value)
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--crop-size", "512"], "--crop-size must look like HxW"),
-    (["--batch-size", "0"], "--batch-size must be positive"),
-    (["--scale-min", "3"], "--scale-min"),
-    (["--config", "/nonexistent.yaml"], "no such file"),
-])
-def test_bad_values(argv, message):
-    with pytest.raises(ConfigError) as e:
-        parse_config(argv)
-    assert message in str(e.value)
-
-
-def test_unknown_flag_exits():
-    with pytest.raises(SystemExit):
-        parse_config(["--not-a-flag", "1"])
-
-
-@pytest.mark.parametrize("name", ["cityscapes_unet.yaml", "demo.yaml"])
+@pytest.mark.parametrize("name", ["cityscapes_unet.yaml", "cityscapes_unet_ohem.yaml", "demo.yaml"])
 def test_shipped_recipes_load(name):
-    cfg = parse_config(["--config", str(CONFIG_DIR / name)])
+    cfg = parse_config([*ROOT, "--config", str(CONFIG_DIR / name)])
     assert from_dict(cfg.to_dict()) == cfg
 
 
 def test_reference_recipe_is_the_reference():
-    cfg = parse_config(["--config", str(CONFIG_DIR / "cityscapes_unet.yaml")])
+    cfg = parse_config([*ROOT, "--config", str(CONFIG_DIR / "cityscapes_unet.yaml")])
     assert (cfg.crop_hw, cfg.batch_size, cfg.max_iters, cfg.lr, cfg.width) == ((512, 1024), 4, 160_000, 0.01, 64)
     assert (cfg.optimizer, cfg.momentum, cfg.weight_decay, cfg.poly_power) == ("sgd", 0.9, 5e-4, 0.9)
 
 
+# -- the sweep: every field, a bad value of every kind, through the real entry points --------------------------
+def _entry(name: str):
+    spec = importlib.util.spec_from_file_location(f"cityseg_entry_{name}", REPO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LIST = [1, 2]  # the wrong type for every field, in a recipe
+# Bad command-line values of each field: wrong type, out of range, empty. String fields that take any text
+# (paths, names) have none; their wrong type is tried in a recipe like every other field's.
+TRAIN_BAD = {
+    "data_root": [""], "train_split": ["", "a/b"], "val_split": ["", "../val"], "cache_dir": [],
+    "crop_size": ["512", "8x8", "0x64", "", "axb"], "scale_min": ["0", "-1", "nan", "x", "", "3"],
+    "scale_max": ["0", "inf", "9"], "cat_max_ratio": ["0", "1.5", "-0.1", "x"], "photometric": ["strong", ""],
+    "batch_size": ["0", "-1", "2.5", ""], "workers": ["-1", "x"], "width": ["0", "x"],
+    "aux_weight": ["-1", "nan", ""], "loss": ["focal", ""], "ohem_thresh": ["0", "1.5", "x"],
+    "ohem_min_kept": ["-1", "1.5"], "max_iters": ["0", "-5", "1e3"], "accum_steps": ["0", ""],
+    "compile": ["=3"], "deterministic": ["=yes"], "optimizer": ["adam", ""], "lr": ["-1", "0", "nan", "inf", "abc", ""],
+    "min_lr": ["-1", "1"], "momentum": ["1", "-0.1", "1.5"], "weight_decay": ["-1", "inf"],
+    "warmup_iters": ["-1", "x"], "warmup_factor": ["-0.5", "2"], "poly_power": ["-1", "nan"],
+    "amp": ["fp8", ""], "out_dir": [""], "seed": ["-1", str(2**32), "1.5"], "device": ["tpu", ""],
+    "eval_every": ["-1"], "ckpt_every": ["-1"], "keep_ckpts": ["0"], "log_every": ["0"],
+    "max_val_images": ["-1"], "num_pictures": ["-1"], "wandb": ["maybe", ""], "wandb_project": [""],
+    "wandb_entity": [], "run_name": [],
+}
+EVAL_BAD = {
+    "checkpoint": [""], "data_root": [""], "split": ["", "a/b"], "out_dir": [], "workers": ["-1", "x"],
+    "device": ["tpu"], "amp": ["fp8"], "max_images": ["-1"], "mode": ["tile", ""],
+    "window": ["8x8", "abc", ""], "stride": ["0x1", "1000x2000", ""], "tta": ["rot"],
+    "scales": ["0", "-1,1", "a", "", "5", "1,,2"], "export_dir": [], "official": ["=3"],
+    "num_pictures": ["-1"], "images": [], "wandb": ["x"], "wandb_project": [""], "wandb_entity": [],
+}
+# What each entry point needs besides the field under test.
+BASE = {"train": {"--data-root": "/data/cityscapes"},
+        "evaluate": {"--checkpoint": "x.pt", "--data-root": "/data/cityscapes"}}
+
+
+def _base(script: str, without: str = "") -> list[str]:
+    return [x for k, v in BASE[script].items() if k != without for x in (k, v)]
+
+
+def _cases(script: str, table: dict[str, list[str]]):
+    for name, values in table.items():
+        for value in values:
+            yield pytest.param(script, name, value, id=f"{script}-{name}={value!r}")
+
+
+def _one_line_error(script: str, argv: list[str], monkeypatch, capsys) -> str:
+    """Run the entry point's main() on ``argv``; it must exit 2 with one stderr line and start nothing."""
+    module = _entry(script)
+    for target in ("train", "run_evaluation"):
+        if hasattr(module, target):  # reaching the job means the bad value got through
+            monkeypatch.setattr(module, target, lambda cfg: pytest.fail(f"{argv} was accepted: {cfg}"))
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_the_sweep_covers_every_field():
+    assert set(TRAIN_BAD) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(EVAL_BAD) == {f.name for f in dataclasses.fields(EvalConfig)}
+
+
+@pytest.mark.parametrize("script, name, value", [*_cases("train", TRAIN_BAD), *_cases("evaluate", EVAL_BAD)])
+def test_a_bad_flag_is_one_line_naming_it(script, name, value, monkeypatch, capsys):
+    flag = "--" + name.replace("_", "-")
+    argv = _base(script, without=flag) + ([flag + value] if value.startswith("=") else [flag, value])
+    line = _one_line_error(script, argv, monkeypatch, capsys)
+    assert line.startswith(f"error: {flag}: "), line
+    assert len(line) > len(f"error: {flag}: ") + 10, line  # and says what is wrong and what is allowed
+
+
+@pytest.mark.parametrize("script, cls", [("train", TrainConfig), ("evaluate", EvalConfig)])
+def test_a_bad_recipe_value_is_one_line_naming_the_field_and_the_recipe(script, cls, tmp_path, monkeypatch,
+                                                                         capsys):
+    for f in dataclasses.fields(cls):
+        recipe = tmp_path / f"{f.name}.yaml"
+        recipe.write_text(yaml.safe_dump({f.name: LIST}))
+        flag = "--" + f.name.replace("_", "-")
+        line = _one_line_error(script, [*_base(script, without=flag), "--config", str(recipe)], monkeypatch, capsys)
+        assert line.startswith(f"error: {flag}: got [1, 2]; must be "), line
+        assert line.endswith(f"(set in {recipe})"), line
+    recipe = tmp_path / "range.yaml"
+    recipe.write_text("lr: -1\n" if script == "train" else "workers: -1\n")
+    line = _one_line_error(script, [*_base(script), "--config", str(recipe)], monkeypatch, capsys)
+    assert line.startswith("error: --lr: got -1.0; must be a finite number > 0" if script == "train"
+                           else "error: --workers: got -1; must be an integer >= 0") and str(recipe) in line
+
+
+@pytest.mark.parametrize("text, message", [
+    ("widht: 16\n", "unknown key(s) widht"),
+    ("- 1\n", "expected a mapping"),
+    ("width: [\n", "not valid YAML"),
+])
+def test_bad_recipes_are_one_line_errors(tmp_path, text, message, monkeypatch, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    line = _one_line_error("train", [*ROOT, "--config", str(recipe)], monkeypatch, capsys)
+    assert message in line and str(recipe) in line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--not-a-flag", "1"], "error: --not-a-flag: unknown flag"),
+    (["stray"], "error: stray: unexpected argument"),
+    (["--max", "5"], "error: --max: unknown flag"),  # no abbreviations: --max could be two flags
+    (["--lr"], "error: --lr: expected one argument"),
+    (["--config", "/nonexistent.yaml"], "error: --config: got '/nonexistent.yaml', no such file"),
+    (["--device", "cuda", "--out-dir", "{tmp}"], "error: --device: got 'cuda' but no CUDA GPU is visible"),
+])
+def test_other_mistakes_are_one_line(argv, message, tmp_path, monkeypatch, capsys):
+    import torch
+
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible")
+    module = _entry("train")
+    if "cuda" not in argv:
+        monkeypatch.setattr(module, "train", lambda cfg: pytest.fail("accepted"))
+    with pytest.raises(SystemExit) as e:
+        module.main([*ROOT, *(a.format(tmp=tmp_path / "run") for a in argv)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().splitlines() == [err.strip()] and err.startswith(message), err
+
+
+def test_the_flags_of_the_report_end_in_one_line_from_a_real_process(tmp_path):
+    # The four that used to end in tracebacks from inside torch and numpy, as a user runs them.
+    for flag in ("--lr", "--weight-decay", "--poly-power", "--seed"):
+        proc = subprocess.run([sys.executable, "train.py", *ROOT, "--out-dir", str(tmp_path / "run"), flag, "-1"],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith(f"error: {flag}: got -1"), proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing was created
+
+
 def test_eval_config_requires_checkpoint():
-    with pytest.raises(ConfigError, match="--checkpoint"):
+    with pytest.raises(ConfigError, match="--checkpoint: missing"):
         parse_config(["--data-root", "x"], EvalConfig)

@@ -16,17 +16,19 @@ from cityseg.inference import InferenceMode, predict, window_starts
 from cityseg.labels import CLASS_NAMES, TRAIN_TO_ID
 from cityseg.model import UNet
 from cityseg.visualize import ERROR_RGB, error_map
-from conftest import TINY, run_script
+from conftest import TINY, assert_matches_reference, reference_scores, run_script
 from wandb_log import read_run
 
 
 @pytest.fixture(scope="module")
 def trained(synthetic_root, tmp_path_factory) -> Path:
-    """A checkpoint trained long enough to predict several classes."""
+    """A checkpoint trained long enough to predict several classes, with an auxiliary head (which evaluation
+    leaves out)."""
     out = tmp_path_factory.mktemp("trained")
     run_script("train.py", ["--data-root", str(synthetic_root), "--out-dir", str(out), *TINY, "--max-iters", "30",
                             "--batch-size", "4", "--optimizer", "adamw", "--lr", "0.01", "--eval-every", "0",
-                            "--num-pictures", "0"])
+                            "--num-pictures", "0", "--aux-weight", "0.4"])
+    assert "aux_head.weight" in torch.load(out / "last.pt", weights_only=True)["model"]
     return out / "last.pt"
 
 
@@ -52,6 +54,31 @@ def test_official_script_agrees_with_ours_on_three_processes(trained, synthetic_
         assert v is None and official["category_iou"][name] is None or abs(v - official["category_iou"][name]) <= 1e-6
     assert "official cityscapesscripts: class mIoU" in proc.stdout
     assert len(list((tmp_path / "pred").iterdir())) == 5
+    assert_matches_reference(result, reference_scores(trained, synthetic_root))
+
+
+@pytest.mark.parametrize("nproc", [0, 2], ids=["python", "torchrun-2"])
+def test_evaluation_does_not_depend_on_the_number_of_processes(trained, synthetic_root, tmp_path, nproc):
+    # The same scores as an evaluation written independently, with one process, two, and (above) three: 5
+    # images shard into 3+2 and 2+2+1, each image evaluated exactly once.
+    _evaluate(trained, synthetic_root, tmp_path, nproc=nproc)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_images"] == 5
+    assert_matches_reference(metrics, reference_scores(trained, synthetic_root))
+
+
+def test_a_checkpoint_with_or_without_the_auxiliary_head_evaluates_the_same(trained, synthetic_root, tmp_path):
+    state = torch.load(trained, weights_only=True)
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("aux_head.")}
+    state["config"]["aux_weight"] = 0.0
+    plain = tmp_path / "plain.pt"
+    torch.save(state, plain)
+    _evaluate(trained, synthetic_root, tmp_path / "aux", "--export-dir", str(tmp_path / "aux_pred"))
+    _evaluate(plain, synthetic_root, tmp_path / "plain", "--export-dir", str(tmp_path / "plain_pred"))
+    assert json.loads((tmp_path / "aux" / "metrics.json").read_text())["iou"] == \
+        json.loads((tmp_path / "plain" / "metrics.json").read_text())["iou"]
+    for p in sorted((tmp_path / "aux_pred").iterdir()):  # the very same predictions: the main head's
+        assert p.read_bytes() == (tmp_path / "plain_pred" / p.name).read_bytes()
 
 
 @pytest.mark.parametrize("extra", [[], ["--mode", "slide", "--window", "48x80", "--stride", "24x40",
@@ -76,6 +103,14 @@ def test_test_split_is_export_only(trained, synthetic_root, tmp_path):
     assert "no metrics are computed" in proc.stdout
     assert len(list((tmp_path / "test").glob("*_leftImg8bit.png"))) == 2
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_window_larger_than_the_images_is_one_line(trained, synthetic_root, tmp_path):
+    proc = _evaluate(trained, synthetic_root, tmp_path, "--mode", "slide", "--window", "64x256", "--stride",
+                     "32x128", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: --window: got '64x256', larger than the images of split val (64x128); "
+                                  "use at most 64x128, or --mode whole"), proc.stderr
 
 
 def test_pictures_are_written(trained, synthetic_root, tmp_path):
@@ -168,9 +203,32 @@ def test_flip_tta_of_a_flip_equivariant_model_equals_no_tta():
     assert not torch.allclose(predict(asym, x, InferenceMode(flip=True), 19), predict(asym, x, InferenceMode(), 19).softmax(1))
 
 
-def test_multiscale_scores_keep_the_input_size():
-    model = UNet(width=8).eval()
-    x = torch.randn(1, 3, 37, 61)
-    out = predict(model, x, InferenceMode(scales=(0.75, 1.0, 1.5), flip=True), 19)
-    assert out.shape == (1, 19, 37, 61)
-    torch.testing.assert_close(out.sum(1), torch.ones(1, 37, 61))  # averaged probabilities
+class ScaleProbe(nn.Module):
+    """Logits that depend on the scale the model sees: class 0 grows with the input's width, class 1 with a
+    horizontal ramp of the input, class 2 is constant."""
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        ramp = torch.linspace(0, 1, w).expand(n, h, w)
+        return torch.stack([torch.full((n, h, w), w / 40.0), x[:, 0] * ramp, torch.zeros(n, h, w)], dim=1)
+
+
+def test_multiscale_tta_is_the_mean_of_resize_model_resize_back():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 37, 61, generator=g)
+    scales = (0.75, 1.0, 1.5)
+    out = predict(ScaleProbe(), x, InferenceMode(scales=scales, flip=True), 3)
+    # independent expectation: for each scale and flip, resize the image, run the model, flip back, resize the
+    # logits to the input size, softmax; then the mean
+    probs = []
+    for s in scales:
+        xs = x if s == 1.0 else nn.functional.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        for flip in (False, True):
+            logits = ScaleProbe()(xs.flip(-1) if flip else xs)
+            logits = logits.flip(-1) if flip else logits
+            logits = nn.functional.interpolate(logits, size=(37, 61), mode="bilinear", align_corners=False)
+            probs.append(logits.softmax(1))
+    torch.testing.assert_close(out, torch.stack(probs).mean(0))
+    assert out.shape == (1, 3, 37, 61)
+    single = predict(ScaleProbe(), x, InferenceMode(flip=True), 3)  # and the scales matter for this model
+    assert (out - single).abs().max() > 0.05

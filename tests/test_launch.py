@@ -33,5 +33,5 @@ def test_one_task_per_gpu_by_default():
 
 
 def test_bad_training_flags_fail_before_submitting(tmp_path):
-    proc = submit(["--dry-run", "--folder", str(tmp_path)], ["--crop-size", "big"])
+    proc = submit(["--dry-run", "--folder", str(tmp_path)], ["--data-root", "x", "--crop-size", "big"])
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --crop-size")

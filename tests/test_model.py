@@ -42,3 +42,23 @@ def test_lr_warmup_then_poly():
     assert lr_factor(50, cfg) == pytest.approx(0.5 ** 0.9)
     assert lr_factor(100, cfg) == 0.0
     assert all(lr_factor(i, cfg) >= lr_factor(i + 1, cfg) for i in range(10, 100))
+
+
+def test_the_auxiliary_head_classifies_the_half_resolution_stage():
+    torch.manual_seed(0)
+    model = UNet(width=8, aux=True).eval()
+    x = torch.randn(2, 3, 50, 70)  # padded to 64x80 inside
+    stage = {}
+    model.up[2].register_forward_hook(lambda m, i, out: stage.update(half=out))
+    logits, aux = model(x, aux=True)
+    assert stage["half"].shape == (2, 16, 32, 40)  # 2 x width channels at half the padded resolution
+    expected = torch.nn.functional.interpolate(model.aux_head(stage["half"]), size=(64, 80), mode="bilinear",
+                                               align_corners=False)[..., :50, :70]
+    torch.testing.assert_close(aux, expected)
+    assert logits.shape == aux.shape == (2, 19, 50, 70)
+    torch.testing.assert_close(model(x), logits)  # the main head is the same with or without the aux output
+    plain = UNet(width=8)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("aux_head.")})
+    torch.testing.assert_close(plain.eval()(x), logits)
+    params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert params == 16 * 19 + 19  # a 1x1 conv from 2 x width channels to the 19 classes

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cityseg.checkpoint import load
-from conftest import REPO, TINY
+from conftest import REPO, TINY, assert_matches_reference, reference_scores
 from wandb_log import read_run
 
 pytestmark = pytest.mark.slurm
@@ -93,7 +93,7 @@ def test_usr2_requeues_and_resumes_the_same_run(synthetic_root, tmp_path):
     run = read_run(out / "wandb")  # the requeued job continued the same W&B run
     assert len(run["ids"]) == 2 and set(run["ids"]) == {state["wandb_id"]}
     steps = [s for s, row in run["history"] if "train/loss" in row]
-    assert steps == sorted(set(steps)) and steps[-1] == max_iters
+    assert steps == list(range(5, max_iters + 1, 5))  # every log step once, none lost or repeated
 
 
 def test_evaluation_job_writes_metrics(synthetic_root, tmp_path):
@@ -104,4 +104,48 @@ def test_evaluation_job_writes_metrics(synthetic_root, tmp_path):
            ["--checkpoint", str(out / "last.pt"), "--data-root", str(synthetic_root), "--out-dir",
             str(tmp_path / "eval"), "--device", "cpu", "--workers", "0"])
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["num_images"] == 5 and 0 <= metrics["miou"] <= 1
+    assert metrics["num_images"] == 5
+    assert_matches_reference(metrics, reference_scores(out / "last.pt", synthetic_root))
+
+
+# -- requests and clusters a new user gets wrong --------------------------------------------------------------
+def _node_cpus() -> int:
+    return int(subprocess.run(["sinfo", "-h", "-N", "-o", "%c"], capture_output=True, text=True).stdout.split()[0])
+
+
+def _cluster_up(env: dict) -> None:
+    proc = subprocess.run(["bash", "slurm/local_cluster.sh", "up"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_cluster_up_counts_the_machines_cpus_whatever_omp_num_threads_says(tmp_path):
+    # nproc honours OMP_NUM_THREADS, which HPC login shells often set to 1.
+    conf = Path("/etc/slurm/slurm.conf").read_text()
+    _cluster_up({**os.environ, "OMP_NUM_THREADS": "1", "OMP_THREAD_LIMIT": "1"})
+    assert _node_cpus() == os.cpu_count()
+    assert Path("/etc/slurm/slurm.conf").read_text() == conf  # nothing to change, nothing restarted
+    # And `up` never shrinks a running cluster, even when the count it makes now is lower.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "slurmd").write_text('#!/bin/sh\n[ "$1" = -C ] && { echo "NodeName=x CPUs=1 RealMemory=1000"; exit 0; }\n'
+                                 'exec /usr/sbin/slurmd "$@"\n')
+    (fake / "slurmd").chmod(0o755)
+    _cluster_up({**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+    assert _node_cpus() == os.cpu_count() and Path("/etc/slurm/slurm.conf").read_text() == conf
+
+
+@pytest.mark.parametrize("request_args, exceeds", [
+    (["--tasks-per-node", str(os.cpu_count() + 2), "--cpus-per-task", "1"],
+     f"CPUs on each node but the nodes of partition debug have {os.cpu_count()}"),
+    (["--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1"], "it asks for 2 nodes but partition debug"),
+], ids=["cpus", "nodes"])
+def test_a_request_that_can_never_start_is_reported_and_cancelled(synthetic_root, tmp_path, request_args, exceeds):
+    proc = submit([*request_args, "--timeout-min", "5", "--folder", str(tmp_path / "%j")],
+                  _train_args(synthetic_root, tmp_path / "run", "--max-iters", "2"), check=False, timeout=120)
+    jid = job_id(proc.stdout)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: job {jid} can never start (pending, reason Partition"), proc.stderr
+    assert exceeds in proc.stderr and proc.stderr.strip().endswith("It was cancelled.")
+    queue = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+    assert queue in ("", "CANCELLED", "COMPLETING"), queue

@@ -1,0 +1,88 @@
+"""Pixel losses as sums over a batch (the trainer divides by the labelled pixels of the global batch): plain
+cross-entropy, and online hard example mining (OHEM) whose selection is made over the global batch.
+
+OHEM follows mmsegmentation's ``OHEMPixelSampler(thresh, min_kept)``: keep the labelled pixels whose softmax
+probability for their true class is below ``thresh``, but at least ``min_kept`` per image, the hardest ones.
+Two differences, both on purpose:
+
+- the hardest ``min_kept x images`` are taken over the *global* batch (all ranks), not per process, so N
+  processes x batch B train the same weights as 1 x N*B;
+- pixels tied with the last one kept are kept too, so at least ``min_kept x images`` pixels always are
+  (mmsegmentation keeps those strictly below the next value, which can be fewer when values tie).
+
+Probability below ``thresh`` is cross-entropy above ``-log(thresh)``, and the hardest pixels are those of the
+largest cross-entropy, so the selection works on the per-pixel loss it has to compute anyway. The k-th
+largest loss of the global batch is found without gathering any pixel: the float32 bits of a non-negative
+float order like the float, so a histogram of the upper 16 bits, summed over ranks, tells the bin of the k-th
+largest, and a histogram of the lower 16 bits within that bin tells the exact value. Two all-reduces of
+counts, all on the device, no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import distributed as du
+from .labels import IGNORE_INDEX
+
+HI_BINS = 0x7F80 + 1  # upper 16 bits of the float32 bits of a value in [0, inf]
+LO_BINS = 1 << 16
+
+
+def ce_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the labelled pixels (fp32)."""
+    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def ohem_sum(logits: torch.Tensor, target: torch.Tensor, thresh: float, min_kept: int) -> torch.Tensor:
+    """Cross-entropy summed over the hard pixels (:func:`hard_pixels`) of the global batch."""
+    loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
+    keep = hard_pixels(loss.detach(), target != IGNORE_INDEX, thresh, min_kept * target.shape[0] * _world())
+    return (loss * keep).sum()
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if du.is_enabled() else 1
+
+
+@torch.no_grad()
+def hard_pixels(loss: torch.Tensor, valid: torch.Tensor, thresh: float, k: int) -> torch.Tensor:
+    """The mask of the pixels to learn from: labelled, and either of loss above ``-log(thresh)`` (probability
+    below ``thresh``) or among the ``k`` largest losses of the global batch (ties with the k-th included).
+    Collective when distributed: every rank calls it with its own pixels."""
+    loss = loss.float()  # compared in the precision the k-th largest is found in
+    hard = valid & (loss > -math.log(thresh))
+    kth = kth_largest(loss, valid, k)
+    return hard | (valid & (loss >= kth))
+
+
+@torch.no_grad()
+def kth_largest(values: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest of the non-negative ``values`` where ``valid``, over all ranks (a 0-d tensor on
+    their device); the smallest one when fewer than ``k`` are valid, +inf when none is or ``k`` is 0."""
+    bits = values.float().clamp_min(0).contiguous().view(torch.int32).reshape(-1).long()
+    valid = valid.reshape(-1)
+    hi = torch.where(valid, bits >> 16, HI_BINS)  # invalid pixels land in a bin that is dropped
+    counts_hi = _histogram(hi, HI_BINS)
+    total = counts_hi.sum()
+    want = torch.clamp(total, max=k)  # the rank from the top to find
+    above = counts_hi.flip(0).cumsum(0)  # above[j]: how many are in bins HI_BINS-1-j and higher
+    j = torch.searchsorted(above, want.reshape(1)).clamp_max(HI_BINS - 1)[0]
+    bin_hi = HI_BINS - 1 - j
+    want_lo = want - (above[j] - counts_hi[bin_hi])  # its rank from the top within that bin
+    lo = torch.where(valid & (hi == bin_hi), bits & 0xFFFF, LO_BINS)
+    above_lo = _histogram(lo, LO_BINS).flip(0).cumsum(0)
+    bin_lo = LO_BINS - 1 - torch.searchsorted(above_lo, want_lo.reshape(1)).clamp_max(LO_BINS - 1)[0]
+    value = ((bin_hi << 16) | bin_lo).to(torch.int32).view(torch.float32)
+    return torch.where(want > 0, value, torch.full_like(value, math.inf))
+
+
+def _histogram(index: torch.Tensor, bins: int) -> torch.Tensor:
+    """Counts of ``index`` in ``[0, bins)`` (others dropped), summed over ranks; no host synchronisation
+    (``torch.bincount`` would read the largest index back to size its output)."""
+    counts = torch.zeros(bins + 1, dtype=torch.int64, device=index.device)
+    counts.index_add_(0, index.clamp(0, bins), torch.ones_like(index))
+    return du.all_reduce_sum(counts[:bins].contiguous())
