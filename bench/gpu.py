@@ -1,133 +1,305 @@
-"""GPU benchmark: crops/s and model FLOP utilisation of the training step, and the loader rate it needs.
+"""GPU benchmark of the reference recipe (4 crops of 512x1024 per GPU, U-Net width 64): the training step, the
+whole training loop, full-resolution evaluation, and optionally a short training curve.
 
-    python bench/gpu.py [--batch 4] [--crop 512x1024] [--width 64] [--steps 30] [--json FILE]
+    python bench/gpu.py [--json FILE] [--out-dir DIR] [--only step,loop,eval] [--curve-minutes 5]
 
-Runs on one CUDA GPU with the reference recipe's per-GPU batch (4 crops of 512x1024) for bf16 autocast,
-bf16 + channels_last, and bf16 + channels_last + torch.compile, using cityseg's own training step
-(Trainer.train_step). FLOPs per crop (forward and backward) come from torch's FLOP counter; utilisation is
-against the GPU's dense bf16 peak (H100 SXM 989 TFLOP/s, H200 the same; pass --peak-tflops for others).
-Then it measures the fast data path on one CPU core and prints how many cores per GPU it takes to keep up.
+- step: crops/s, model FLOP utilisation (MFU) and peak memory of cityseg's own Trainer.train_step for bf16,
+  bf16 + channels_last and bf16 + channels_last + torch.compile. FLOPs per crop (forward and backward) come from
+  torch's FLOP counter; MFU is against the GPU's dense bf16 peak (H100 and H200: 989 TFLOP/s; --peak-tflops
+  for others). Below the 40% goal, torch.profiler's top kernels are written down with what bounds them.
+- loop: train.py on a full-resolution synthetic tree, through the decoded cache with 8 workers, against the
+  step alone (loop_vs_step = the loop's images/s over the step's crops/s, same configuration).
+- eval: full-resolution (1024x2048) bf16 evaluation, whole image, images/s including loading.
+- curve (--curve-minutes N): train.py for about N minutes on full-resolution synthetic data with the recipe's
+  crop and batch, evaluating on the way: loss and mIoU against iterations, as JSON and a PNG.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+REPO = Path(__file__).resolve().parent.parent
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, from the spec sheets
+GOALS = {"mfu_best": (">=", 0.40), "loop_vs_step": (">=", 0.95), "eval_images_per_s": (">=", 50.0)}
+CROP = (512, 1024)
+# kernels whose time is mostly arithmetic; the rest (normalisation, activations, copies, reductions) mostly
+# moves memory
+COMPUTE_BOUND = ("gemm", "conv", "cutlass", "xmma", "wgrad", "dgrad", "fprop", "sm90", "sm80", "implicit")
 
 
-def flops_per_crop(width: int, crop: tuple[int, int]) -> float:
+def trainer_for(root: Path, out: Path, width: int, batch: int, compile_model: bool, channels_last: bool) -> Any:
+    """cityseg's Trainer at the reference recipe's step (bf16, SGD), on one GPU."""
+    from cityseg import distributed as du
+    from cityseg.config import TrainConfig
+    from cityseg.engine import Trainer, set_determinism
+    from cityseg.signals import StopFlag
+
+    set_determinism(False)  # cuDNN autotuning, as train.py runs
+    cfg = TrainConfig(data_root=str(root), out_dir=str(out), width=width, crop_size=f"{CROP[0]}x{CROP[1]}",
+                      batch_size=batch, workers=0, device="cuda", amp="bf16", wandb="off", compile=compile_model,
+                      num_pictures=0, cache_dir="none", max_iters=10_000, warmup_iters=0)
+    trainer = Trainer(cfg, du.init("cuda"), StopFlag())
+    if not channels_last:
+        trainer.channels_last = False
+        trainer.model.to(memory_format=torch.contiguous_format)
+    return trainer
+
+
+def fixed_batch(batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, 256, (batch, *CROP, 3), generator=g, dtype=torch.uint8).pin_memory(),
+             torch.randint(0, 19, (batch, *CROP), generator=g, dtype=torch.uint8).pin_memory())]
+
+
+def flops_per_crop(width: int) -> float:
     """Forward + backward FLOPs of the U-Net for one crop, counted by torch.utils.flop_counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from cityseg.model import UNet
 
     model = UNet(width=width).cuda()
-    x = torch.randn(1, 3, *crop, device="cuda")
+    x = torch.randn(1, 3, *CROP, device="cuda")
     with FlopCounterMode(display=False) as counter:
         model(x).float().sum().backward()
     return float(counter.get_total_flops())
 
 
-def crops_per_second(root: Path, out: Path, width: int, crop: tuple[int, int], batch: int, steps: int,
-                     channels_last: bool, compile_model: bool) -> float:
-    """Crops/s of Trainer.train_step on fixed batches (the data path is measured separately)."""
-    from cityseg import distributed as du
-    from cityseg.config import TrainConfig
-    from cityseg.engine import Trainer
-    from cityseg.signals import StopFlag
-
-    cfg = TrainConfig(data_root=str(root), out_dir=str(out), width=width, crop_size=f"{crop[0]}x{crop[1]}",
-                      batch_size=batch, workers=0, device="cuda", amp="bf16", wandb="off", compile=compile_model,
-                      num_pictures=0, cache_dir="none", max_iters=10_000, warmup_iters=0)
-    ctx = du.init("cuda")
-    trainer = Trainer(cfg, ctx, StopFlag())
-    if not channels_last:
-        trainer.channels_last = False
-        trainer.model.to(memory_format=torch.contiguous_format)
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch, *crop, 3), generator=g, dtype=torch.uint8).pin_memory()
-    labels = torch.randint(0, 19, (batch, *crop), generator=g, dtype=torch.uint8).pin_memory()
-    for _ in range(5 if not compile_model else 10):  # warm-up (and compilation)
-        trainer.train_step([(images, labels)])
+def measure_step(trainer: Any, batch: list, steps: int, warmup: int) -> dict[str, float]:
+    """Median crops/s over 3 timed runs of ``steps`` steps, and the peak memory of the step."""
+    for _ in range(warmup):
+        trainer.train_step(batch)
     torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
         for _ in range(steps):
-            trainer.train_step([(images, labels)])
+            trainer.train_step(batch)
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) / steps)
-    return batch / statistics.median(times)
+    n = batch[0][0].shape[0]
+    return {"crops_per_s": n / statistics.median(times), "step_s": statistics.median(times),
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
-def fast_loader_rate(root: Path, cache: Path, crop: tuple[int, int], n: int = 40) -> float:
-    """Fast-path samples/s on one CPU core."""
-    import cv2
+def profile_top_kernels(trainer: Any, batch: list, top: int = 12) -> list[dict[str, Any]]:
+    """The kernels that take most GPU time in a few steps, each labelled compute- or memory-bound."""
+    from torch.profiler import ProfilerActivity, profile
 
-    from cityseg.data import CityscapesDataset
-    from cityseg.transforms import TrainTransform
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            trainer.train_step(batch)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events) or 1.0
+    return [{"kernel": e.key[:120], "share": e.device_time_total / total, "calls": e.count,
+             "bound": "compute" if any(k in e.key.lower() for k in COMPUTE_BOUND) else "memory"}
+            for e in events[:top]]
 
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-    ds = CityscapesDataset(root, "train", TrainTransform(crop, (0.5, 2.0), 0), cache_dir=cache)
-    ds[(0, 0)]
+
+def bench_step(root: Path, tmp: Path, width: int, batch: int, steps: int, peak: float | None) -> dict[str, Any]:
+    flops = flops_per_crop(width)
+    rows: dict[str, Any] = {}
+    data = fixed_batch(batch)
+    for label, channels_last, compiled in (("bf16", False, False), ("bf16+channels_last", True, False),
+                                           ("bf16+channels_last+compile", True, True)):
+        trainer = trainer_for(root, tmp / label, width, batch, compiled, channels_last)
+        row = measure_step(trainer, data, steps, warmup=10 if compiled else 5)
+        row["tflops"] = row["crops_per_s"] * flops / 1e12
+        row["mfu"] = row["tflops"] / peak if peak else None
+        rows[label] = row
+        trainer.log.close()
+        del trainer
+        torch.cuda.empty_cache()
+    best = max(rows, key=lambda k: rows[k]["crops_per_s"])
+    result = {"flops_per_crop": flops, "rows": rows, "best": best, "mfu_best": rows[best]["mfu"]}
+    if peak and rows[best]["mfu"] < GOALS["mfu_best"][1]:
+        trainer = trainer_for(root, tmp / "profile", width, batch, best.endswith("compile"), True)
+        for _ in range(5):
+            trainer.train_step(data)
+        result["top_kernels"] = profile_top_kernels(trainer, data)
+        trainer.log.close()
+    return result
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+def full_resolution_tree(root: Path, num_train: int, num_val: int) -> Path:
+    """A synthetic Cityscapes tree of 1024x2048 images, written by several processes at once."""
+    from cityseg.synthetic import write_tree
+
+    write_tree(root, num_train=num_train, num_val=num_val, num_test=0, size=(1024, 2048), seed=0)
+    return root
+
+
+def train_cmd(root: Path, out: Path, width: int, batch: int, iters: int, *extra: str) -> list[str]:
+    return [sys.executable, "train.py", "--data-root", str(root), "--out-dir", str(out), "--width", str(width),
+            "--crop-size", f"{CROP[0]}x{CROP[1]}", "--batch-size", str(batch), "--max-iters", str(iters),
+            "--device", "cuda", "--amp", "bf16", "--wandb", "off", "--num-pictures", "0", *extra]
+
+
+def bench_loop(root: Path, tmp: Path, width: int, batch: int, step_crops_per_s: float) -> dict[str, Any]:
+    """train.py through the decoded cache with 8 workers, against the step alone at the same configuration."""
+    subprocess.run([sys.executable, "-m", "cityseg.prepare", "--data-root", str(root), "--split", "train"],
+                   cwd=REPO, check=True, capture_output=True)
+    out = tmp / "loop"
+    iters, log_every = 160, 20
+    proc = subprocess.run(train_cmd(root, out, width, batch, iters, "--workers", "8", "--log-every", str(log_every),
+                                    "--eval-every", "0", "--ckpt-every", "0", "--warmup-iters", "0"),
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        raise SystemExit(f"bench/gpu.py: train.py failed:\n{proc.stderr[-3000:]}")
+    rates = [r["train/images_per_s"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "train/images_per_s" in r]
+    loop = statistics.median(rates[1:])  # the first window holds the workers' start and cuDNN's autotuning
+    return {"loop_images_per_s": loop, "step_crops_per_s": step_crops_per_s,
+            "loop_vs_step": loop / step_crops_per_s, "windows": rates}
+
+
+def bench_eval(root: Path, width: int, workers: int = 8) -> dict[str, Any]:
+    """Full-resolution whole-image bf16 evaluation over the val split, images/s including loading."""
+    from cityseg import distributed as du
+    from cityseg.evaluation import Predictor, evaluate, val_loader
+    from cityseg.model import UNet
+
+    ctx = du.init("cuda")
+    model = UNet(width=width).cuda().to(memory_format=torch.channels_last).eval()
+    predictor = Predictor(model, ctx.device, torch.bfloat16, True)
+    loader, dataset = val_loader(str(root), "val", ctx, workers)
+    evaluate(predictor, loader)  # warm-up: workers, cuDNN
+    torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for i in range(n):
-        ds[(0, i % len(ds))]
-    return n / (time.perf_counter() - t0)
+    for _ in range(2):
+        evaluate(predictor, loader)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return {"eval_images_per_s": 2 * len(dataset) / seconds, "images": len(dataset), "workers": workers}
+
+
+def bench_curve(root: Path, tmp: Path, width: int, batch: int, minutes: float, step_s: float,
+                out_dir: Path) -> dict[str, Any]:
+    """About ``minutes`` of train.py with the recipe's crop and batch on full-resolution synthetic data."""
+    iters = max(50, int(minutes * 60 / (step_s * 1.15)))  # the loop runs a little slower than the step alone
+    every = max(10, iters // 6)
+    out = tmp / "curve"
+    t0 = time.perf_counter()
+    subprocess.run(train_cmd(root, out, width, batch, iters, "--workers", "8", "--log-every", "10",
+                             "--eval-every", str(every), "--ckpt-every", "0", "--warmup-iters", "100",
+                             "--config", "cityseg/configs/cityscapes_unet.yaml", "--max-val-images", "8"),
+                   cwd=REPO, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = {"iterations": iters, "minutes": (time.perf_counter() - t0) / 60,
+             "loss": [(r["iteration"], r["train/loss"]) for r in records if "train/loss" in r],
+             "miou": [(r["iteration"], r["val/miou"]) for r in records if "val/miou" in r]}
+    plot_curve(curve, out_dir / "curve_gpu.png")
+    return curve
+
+
+def plot_curve(curve: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(*zip(*curve["loss"]), label="train loss")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    twin = ax.twinx()
+    twin.plot(*zip(*curve["miou"]), "o-", color="tab:red", label="val mIoU")
+    twin.set_ylabel("val mIoU")
+    fig.legend(loc="upper center", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- report ----------------------------------------------------------------------------------------------------
+def verdict(key: str, value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    op, target = GOALS[key]
+    ok = value >= target if op == ">=" else value <= target
+    return f"{'met' if ok else 'MISSED'} (goal {op} {target:g})"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=4, help="Crops per GPU (the reference recipe's 4).")
-    p.add_argument("--crop", default="512x1024")
     p.add_argument("--width", type=int, default=64)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=20, help="Timed steps per run of the step benchmark.")
+    p.add_argument("--train-images", type=int, default=32, help="Full-resolution images for the loop and curve.")
+    p.add_argument("--val-images", type=int, default=24, help="Full-resolution images for the evaluation.")
+    p.add_argument("--only", default="step,loop,eval", help="Comma-separated parts: step, loop, eval, curve.")
+    p.add_argument("--curve-minutes", type=float, default=0.0, help="Also train this long for a learning curve.")
     p.add_argument("--peak-tflops", type=float, default=None, help="Dense bf16 peak of this GPU.")
     p.add_argument("--json", metavar="FILE")
+    p.add_argument("--out-dir", default=".", help="Where the profile and the curve's picture go.")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: bench/gpu.py needs a CUDA GPU; on CPU run bench/run.py instead.")
-    crop = tuple(int(v) for v in args.crop.lower().split("x"))
+    parts = set(args.only.split(",")) | ({"curve"} if args.curve_minutes else set())
     name = torch.cuda.get_device_name()
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    from cityseg.prepare import prepare
-    from cityseg.synthetic import write_tree
-
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+                              "peak_bf16_tflops": peak, "batch": args.batch, "crop": list(CROP), "width": args.width}
+    t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cityseg-gpu-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        root = write_tree(tmp / "cs", num_train=8, num_val=1, num_test=0, size=(1024, 2048), seed=0)
-        prepare(root, "train", tmp / "cache")
-        flops = flops_per_crop(args.width, crop)
-        rows = {}
-        for label, cl, comp in (("bf16", False, False), ("bf16+channels_last", True, False),
-                                ("bf16+channels_last+compile", True, True)):
-            cps = crops_per_second(root, tmp / label, args.width, crop, args.batch, args.steps, cl, comp)
-            rows[label] = {"crops_per_s": cps, "tflops": cps * flops / 1e12,
-                           "mfu": cps * flops / 1e12 / peak if peak else None}
-        loader = fast_loader_rate(root, tmp / "cache", crop)
-    best = max(r["crops_per_s"] for r in rows.values())
-    print(f"{name}: U-Net width {args.width}, {crop[0]}x{crop[1]}, batch {args.batch}, "
-          f"{flops / 1e12:.2f} TFLOP per crop (forward + backward)")
-    for label, r in rows.items():
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"  {label:<28} {r['crops_per_s']:7.1f} crops/s  {r['tflops']:6.1f} TFLOP/s  MFU {mfu}")
-    print(f"fast data path: {loader:.1f} crops/s per CPU core -> {best / loader:.1f} cores per GPU to keep up")
+        root = full_resolution_tree(tmp / "cityscapes", args.train_images, args.val_images)
+        step = bench_step(root, tmp, args.width, args.batch, args.steps, peak) if parts & {"step", "loop", "curve"} \
+            else None
+        if step:
+            result["step"] = step
+            print(f"{name}: U-Net width {args.width}, {CROP[0]}x{CROP[1]}, batch {args.batch}, "
+                  f"{step['flops_per_crop'] / 1e12:.3f} TFLOP per crop (forward + backward)")
+            for label, row in step["rows"].items():
+                mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+                print(f"  {label:<28} {row['crops_per_s']:7.1f} crops/s  {row['tflops']:6.1f} TFLOP/s  MFU {mfu}  "
+                      f"peak memory {row['peak_memory_gib']:.1f} GiB")
+            for k in step.get("top_kernels", []):
+                print(f"    {100 * k['share']:5.1f}%  {k['bound']:<7}  {k['kernel']}")
+        plain = step["rows"]["bf16+channels_last"] if step else None
+        if "loop" in parts:
+            result["loop"] = bench_loop(root, tmp, args.width, args.batch, plain["crops_per_s"])
+            print(f"loop: {result['loop']['loop_images_per_s']:.1f} images/s through train.py, "
+                  f"step alone {plain['crops_per_s']:.1f} crops/s")
+        if "eval" in parts:
+            result["eval"] = bench_eval(root, args.width)
+            print(f"eval: {result['eval']['eval_images_per_s']:.1f} full-resolution images/s (bf16, whole image, "
+                  f"loading included)")
+        if "curve" in parts:
+            result["curve"] = bench_curve(root, tmp, args.width, args.batch, args.curve_minutes or 5,
+                                          plain["step_s"], out_dir)
+            print(f"curve: {result['curve']['iterations']} iterations in {result['curve']['minutes']:.1f} min; "
+                  f"val mIoU " + ", ".join(f"{it}: {100 * m:.1f}%" for it, m in result["curve"]["miou"]))
+    figures = {"mfu_best": step["mfu_best"] if step else None,
+               "loop_vs_step": result.get("loop", {}).get("loop_vs_step"),
+               "eval_images_per_s": result.get("eval", {}).get("eval_images_per_s")}
+    result["figures"] = figures
+    result["met"] = {k: verdict(k, v).startswith("met") for k, v in figures.items() if v is not None}
+    result["seconds"] = time.perf_counter() - t_start
+    for key, value in figures.items():
+        if value is not None:
+            print(f"{key:<22}{value:10.3f}  {verdict(key, value)}")
+    print(f"({result['seconds']:.0f}s)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "flops_per_crop": flops, "peak_tflops": peak,
-                                               "rows": rows, "loader_crops_per_s_per_core": loader,
-                                               "cores_per_gpu": best / loader}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

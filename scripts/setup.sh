@@ -7,5 +7,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-# torch is pinned to 2.13.0 in pyproject.toml; with a CUDA build of it already installed, pip keeps that one.
+# The exact torch this repository tests with, first: pyproject.toml only asks for a range (torch>=2.13), which
+# a torch already in .venv (a CUDA build, say) satisfies; without one, a bare range would pull the newest
+# CUDA build, several GB.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/python -m pip install --quiet "torch==2.13.0"
+fi
 .venv/bin/python -m pip install --quiet -e ".[test]"

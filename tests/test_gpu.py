@@ -1,0 +1,277 @@
+"""The CUDA path (tests marked ``gpu``; they skip without CUDA, and those that need two GPUs skip with one).
+
+Run them on a GPU machine with ``bash scripts/gpu_check.sh`` (which also runs bench/gpu.py), or
+``python -m pytest -m gpu tests``. Tolerances are stated where they are used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import pytest
+import torch
+import torch.nn as nn
+
+from cityseg.checkpoint import load
+from cityseg.synthetic import write_tree
+from conftest import free_port, run_script, start_training, wait_for_iteration
+
+pytestmark = pytest.mark.gpu
+GPU = ["--device", "cuda", "--wandb", "off", "--workers", "2", "--warmup-iters", "0", "--num-pictures", "0"]
+
+
+def needs_gpus(n: int):
+    return pytest.mark.skipif(torch.cuda.device_count() < n, reason=f"needs {n} CUDA GPUs (NCCL refuses two ranks "
+                                                                    f"on one device)")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """16 train and 4 val images of 256x512."""
+    return write_tree(tmp_path_factory.mktemp("gpu_tree"), num_train=16, num_val=4, num_test=0, size=(256, 512),
+                      seed=0)
+
+
+def _args(root, out, *extra):
+    return ["--data-root", str(root), "--out-dir", str(out), "--width", "16", "--crop-size", "128x256", *GPU,
+            *extra]
+
+
+def _records(out, key):
+    return [(r["iteration"], r[key]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if key in r]
+
+
+def _trainer(root, out, **overrides):
+    from cityseg import distributed as du
+    from cityseg.config import TrainConfig
+    from cityseg.engine import Trainer
+    from cityseg.signals import StopFlag
+
+    cfg = TrainConfig(**{**dict(data_root=str(root), out_dir=str(out), width=16, crop_size="128x256",
+                                device="cuda", wandb="off", workers=0, batch_size=2, max_iters=100, warmup_iters=0),
+                         **overrides})
+    return Trainer(cfg, du.init("cuda"), StopFlag())
+
+
+def _batch(n=2, hw=(128, 256), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 256, (n, *hw, 3), generator=g, dtype=torch.uint8).pin_memory(),
+             torch.randint(0, 19, (n, *hw), generator=g, dtype=torch.uint8).pin_memory())]
+
+
+# -- precision -------------------------------------------------------------------------------------------------
+def test_bf16_training_lowers_the_loss(tree, tmp_path):
+    out = tmp_path / "run"
+    run_script("train.py", _args(tree, out, "--amp", "bf16", "--max-iters", "30", "--batch-size", "4",
+                                 "--log-every", "5", "--eval-every", "0", "--optimizer", "adamw", "--lr", "0.003"))
+    losses = dict(_records(out, "train/loss"))
+    assert sorted(losses) == [5, 10, 15, 20, 25, 30]
+    assert losses[30] < 0.8 * losses[5], losses
+
+
+def test_a_bf16_step_has_the_gradients_of_an_fp32_step(tree, tmp_path):
+    # Tolerance: bf16 keeps 8 bits of mantissa, so each gradient tensor is expected within a few percent of
+    # fp32's in norm; asserted: relative error of every parameter's gradient below 5%, cosine above 0.998.
+    grads = {}
+    for amp in ("off", "bf16"):
+        trainer = _trainer(tree, tmp_path / amp, amp=amp)
+        trainer.train_step(_batch())
+        grads[amp] = {n: p.grad.float().clone() for n, p in trainer.model.named_parameters()}
+        trainer.log.close()
+    for name, g32 in grads["off"].items():
+        g16 = grads["bf16"][name]
+        rel = ((g16 - g32).norm() / g32.norm().clamp_min(1e-12)).item()
+        cos = nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0).item()
+        assert rel < 0.05 and cos > 0.998, (name, rel, cos)
+
+
+def test_fp16_skips_an_inf_step_and_its_scaler_survives_a_resume(tree, tmp_path):
+    trainer = _trainer(tree, tmp_path / "inf", amp="fp16")
+    batch = _batch()
+    trainer.train_step(batch)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    scale = trainer.scaler.get_scale()
+    handle = trainer.model.inc[0].weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    trainer.train_step(batch)
+    handle.remove()
+    after = trainer.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if "running" not in k and "num_batches" not in k)
+    assert trainer.scaler.get_scale() == scale / 2
+    trainer.log.close()
+    # The scaler's state is checkpointed and continues: 4 + 4 steps end where 8 do.
+    args = ["--amp", "fp16", "--batch-size", "2", "--eval-every", "0", "--workers", "0", "--deterministic"]
+    run_script("train.py", _args(tree, tmp_path / "whole", *args, "--max-iters", "8"))
+    run_script("train.py", _args(tree, tmp_path / "split", *args, "--max-iters", "4"))
+    run_script("train.py", _args(tree, tmp_path / "split", *args, "--max-iters", "8"))
+    whole, split = load(tmp_path / "whole" / "last.pt"), load(tmp_path / "split" / "last.pt")
+    assert "scale" in whole["scaler"] and split["scaler"] == whole["scaler"]
+
+
+# -- torchrun, memory format, resume ------------------------------------------------------------------------------
+def test_parameters_and_inputs_stay_channels_last(tree, tmp_path, monkeypatch):
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():  # as torchrun --nproc_per_node=1
+        monkeypatch.setenv(name, value)
+    trainer = _trainer(tree, tmp_path, amp="bf16")
+    seen = []
+    hook = nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(i[0].is_contiguous(memory_format=torch.channels_last))
+        if isinstance(m, nn.Conv2d) and i[0].dim() == 4 and min(i[0].shape[-2:]) > 1 else None)
+    try:
+        trainer.train_step(_batch())
+    finally:
+        hook.remove()
+    convs = [m for m in trainer.model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert seen and all(seen)  # every convolution got a channels_last input
+    assert isinstance(trainer.model.inc[1], nn.BatchNorm2d)  # one process: plain cuDNN BatchNorm
+    trainer.log.close()
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "default"])
+def test_torchrun_sigterm_and_resume_on_cuda(tree, tmp_path, deterministic):
+    # With --deterministic a resumed run repeats an uninterrupted one bit for bit; without it, cuDNN's
+    # autotuned, atomics-based kernels may differ in the last bits, and the test only records whether they did.
+    args = ["--max-iters", "24", "--batch-size", "4", "--log-every", "3", "--ckpt-every", "6", "--eval-every", "12",
+            "--amp", "bf16", *(["--deterministic"] if deterministic else [])]
+    run_script("train.py", _args(tree, tmp_path / "whole", *args), nproc=1)
+    out = tmp_path / "split"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = start_training(_args(tree, out, *args), 1, log=log)
+        wait_for_iteration(out, 10, proc)
+        os.kill(int(subprocess.check_output(["pgrep", "-P", str(proc.pid)]).split()[0]), signal.SIGTERM)
+        proc.wait(timeout=300)
+    k = load(out / "last.pt")["iteration"]
+    assert 10 <= k < 24, (tmp_path / "first.log").read_text()
+    again = run_script("train.py", _args(tree, out, *args), nproc=1)
+    assert f"Resumed from {out / 'last.pt'} at iteration {k}" in again.stdout
+    a, b = load(tmp_path / "whole" / "last.pt")["model"], load(out / "last.pt")["model"]
+    bitwise = all(torch.equal(a[n], b[n]) for n in a)
+    print(f"CUDA resume {'with' if deterministic else 'without'} --deterministic: "
+          f"{'bitwise identical' if bitwise else 'not bitwise identical'} to the uninterrupted run")
+    if deterministic:
+        assert bitwise
+    else:
+        for n in a:
+            if a[n].is_floating_point():
+                torch.testing.assert_close(b[n], a[n], atol=1e-2, rtol=1e-2, msg=n)
+
+
+# -- NCCL, two ranks ----------------------------------------------------------------------------------------------
+def _syncbn_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from cityseg import distributed as du
+    from cityseg.config import TrainConfig
+    from cityseg.engine import build_model_for
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    ctx = du.init("cuda")
+    try:
+        model, _ = build_model_for(TrainConfig(width=8), ctx)
+        kinds = {type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump({"kinds": sorted(kinds), "backend": dist.get_backend()}, f)
+    finally:
+        du.teardown()
+
+
+@needs_gpus(2)
+def test_two_ranks_use_nccl_and_sync_batchnorm(tmp_path):
+    torch.multiprocessing.spawn(_syncbn_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"kinds": ["SyncBatchNorm"],
+                                                                          "backend": "nccl"}
+
+
+@needs_gpus(2)
+def test_two_gpus_of_two_train_like_one_gpu_of_four(tree, tmp_path):
+    # --amp off, but cuDNN convolutions run in TF32 by default (torch.backends.cudnn.allow_tf32), with 10-bit
+    # mantissas: tolerance 1e-2 of each weight tensor's largest magnitude after 3 steps.
+    args = ["--max-iters", "3", "--eval-every", "0", "--lr", "0.05", "--amp", "off", "--deterministic"]
+    run_script("train.py", _args(tree, tmp_path / "one", *args, "--batch-size", "4"), nproc=1)
+    run_script("train.py", _args(tree, tmp_path / "two", *args, "--batch-size", "2"), nproc=2)
+    a, b = load(tmp_path / "one" / "last.pt")["model"], load(tmp_path / "two" / "last.pt")["model"]
+    for n, v in a.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(b[n], v, atol=1e-2 * float(v.abs().max().clamp_min(1e-3)), rtol=0, msg=n)
+
+
+# -- compile, host synchronisation ------------------------------------------------------------------------------
+def test_compile_matches_eager_and_does_not_recompile(tree, tmp_path):
+    # bf16 autocast: tolerance 3e-2 absolute on weights after 6 steps (fused kernels round differently).
+    args = ["--max-iters", "6", "--eval-every", "0", "--batch-size", "4", "--amp", "bf16", "--lr", "0.02"]
+    run_script("train.py", _args(tree, tmp_path / "eager", *args))
+    run_script("train.py", _args(tree, tmp_path / "compiled", *args, "--compile"))
+    log = (tmp_path / "compiled" / "train.log").read_text()
+    stats = [line.split("torch.compile: ")[1] for line in log.splitlines() if "torch.compile: " in line]
+    assert len(stats) == 1 and int(stats[0].split()[0]) > 0 and " 0 of them after the first step" in stats[0], log
+    a, b = load(tmp_path / "eager" / "last.pt")["model"], load(tmp_path / "compiled" / "last.pt")["model"]
+    for n, v in a.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(b[n], v, atol=3e-2, rtol=0, msg=n)
+
+
+@pytest.mark.parametrize("recipe", [{}, {"loss": "ohem", "ohem_min_kept": 5000, "aux_weight": 0.4}],
+                         ids=["ce", "ohem+aux"])
+def test_no_host_synchronisation_inside_the_training_step(tree, tmp_path, recipe):
+    trainer = _trainer(tree, tmp_path, amp="bf16", **recipe)
+    batch = _batch()
+    for _ in range(2):
+        trainer.train_step(batch)  # warm-up: cuDNN autotuning, allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            trainer.train_step(batch)  # any call that waits for the GPU raises here
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    trainer.log.close()
+
+
+# -- full-resolution evaluation -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def full_res(tmp_path_factory):
+    """A width-16 model trained briefly on 256x512 crops, and 2 val images of 1024x2048."""
+    root = write_tree(tmp_path_factory.mktemp("full_res"), num_train=8, num_val=2, num_test=0, size=(1024, 2048),
+                      seed=1)
+    out = tmp_path_factory.mktemp("full_res_run")
+    run_script("train.py", ["--data-root", str(root), "--out-dir", str(out), "--width", "16", "--crop-size",
+                            "256x512", *GPU, "--max-iters", "150", "--batch-size", "8", "--eval-every", "0",
+                            "--optimizer", "adamw", "--lr", "0.003", "--amp", "bf16"], timeout=600)
+    return root, out / "last.pt"
+
+
+def _predictions(root, checkpoint, out, *extra):
+    run_script("evaluate.py", ["--checkpoint", str(checkpoint), "--data-root", str(root), "--out-dir", str(out),
+                               "--device", "cuda", "--workers", "2", "--num-pictures", "0", "--export-dir",
+                               str(out / "pred"), *extra])
+    return {p.name: p for p in sorted((out / "pred").iterdir())}
+
+
+@pytest.mark.parametrize("mode", [[], ["--mode", "slide", "--window", "512x1024", "--stride", "341x683", "--tta",
+                                       "flip"]], ids=["whole", "slide-flip"])
+def test_full_resolution_bf16_evaluation_agrees_with_fp32(full_res, tmp_path, mode):
+    import cv2
+
+    root, checkpoint = full_res
+    bf16 = _predictions(root, checkpoint, tmp_path / "bf16", "--amp", "bf16", *mode)
+    fp32 = _predictions(root, checkpoint, tmp_path / "fp32", "--amp", "off", *mode)
+    assert sorted(bf16) == sorted(fp32) and len(bf16) == 2
+    for name in bf16:
+        a, b = (cv2.imread(str(p[name]), cv2.IMREAD_UNCHANGED) for p in (bf16, fp32))
+        assert a.shape == (1024, 2048)
+        assert (a == b).mean() >= 0.995, (name, (a == b).mean())
+
+
+def test_exported_pngs_are_byte_identical_between_bf16_runs(full_res, tmp_path):
+    root, checkpoint = full_res
+    first = _predictions(root, checkpoint, tmp_path / "a", "--amp", "bf16")
+    second = _predictions(root, checkpoint, tmp_path / "b", "--amp", "bf16")
+    assert sorted(first) == sorted(second)
+    for name in first:
+        assert first[name].read_bytes() == second[name].read_bytes(), name
