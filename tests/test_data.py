@@ -245,3 +245,33 @@ def test_evaluate_reports_bad_input_in_one_line(tree, tmp_path, breaker):
     err = proc.stderr.strip().splitlines()
     assert err[-1].startswith("error: ") and path in err[-1] and message in err[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_loader_workers_keep_serving_after_the_stop_signals(synthetic_root):
+    # SLURM and terminals signal every process of a job. The workers must keep loading (SIGTERM only starts
+    # their grace timer) until the training process has finished its step and shuts them down: signal them,
+    # then read two epochs, more than they had prefetched, from the same (persistent) workers.
+    import os
+    import signal
+    import time
+
+    ds = CityscapesDataset(synthetic_root, "train", TrainTransform((64, 128), seed=0))
+
+    def epochs(workers):
+        sampler = TrainSampler(len(ds), 1, 1, 0, seed=0)
+        loader = make_loader(ds, sampler, 1, workers, pin=False, drop_last=True)
+        sampler.set_epoch(0)
+        it = iter(loader)
+        got = [next(it)[0], next(it)[0]]  # a batch from each worker: both have set up their signal handling
+        if workers:
+            for pid in [w.pid for w in it._workers]:
+                for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+                    os.kill(pid, sig)
+            time.sleep(0.5)  # let the signals land
+        got += [b[0] for b in it]
+        sampler.set_epoch(1)
+        return got + [b[0] for b in loader]
+
+    expected, got = epochs(0), epochs(2)
+    assert len(got) == len(expected) == 16
+    assert all(torch.equal(u, v) for u, v in zip(got, expected))
