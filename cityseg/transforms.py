@@ -35,8 +35,8 @@ def scaled_crop(src: np.ndarray, scale: float, top: int, left: int, out_hw: tupl
     Crop pixel (i, j) is pixel (top + i, left + j) of ``src`` resized to ``sh x sw = round(h * scale) x
     round(w * scale)``, whose centre lies at source ``((left + j + 0.5) * w / sw - 0.5, (top + i + 0.5) * h / sh
     - 0.5)``, as ``cv2.resize`` maps it. Only those points are sampled, so only the source pixels under the
-    window are read: bilinearly by one affine warp (``cv2.INTER_LINEAR``), or, for labels
-    (``cv2.INTER_NEAREST``), by taking source pixel ``floor((left + j + 0.5) * w / sw)`` in exact integer
+    window are read: for images (``cv2.INTER_LINEAR``) by one affine warp of the source window, for labels
+    (``cv2.INTER_NEAREST``) by taking source pixel ``floor((left + j + 0.5) * w / sw)``, in exact integer
     arithmetic. Pixels of the window beyond the scaled image are ``fill`` (pad-then-crop's bottom/right).
     """
     h, w = src.shape[:2]
@@ -45,15 +45,31 @@ def scaled_crop(src: np.ndarray, scale: float, top: int, left: int, out_hw: tupl
     if interpolation == cv2.INTER_NEAREST:
         rows = np.minimum((2 * np.arange(top, top + oh) + 1) * h // (2 * sh), h - 1)
         cols = np.minimum((2 * np.arange(left, left + ow) + 1) * w // (2 * sw), w - 1)
-        out = src[rows][:, cols]
+        out = np.take(np.take(src, rows, axis=0), cols, axis=1)
     else:
-        iy, ix = h / sh, w / sw
-        to_source = np.array([[ix, 0.0, (left + 0.5) * ix - 0.5], [0.0, iy, (top + 0.5) * iy - 0.5]])
-        out = cv2.warpAffine(src, to_source, (ow, oh), flags=interpolation | cv2.WARP_INVERSE_MAP,
-                             borderMode=cv2.BORDER_REPLICATE)  # as resize treats the image's own border
+        out = _warp_window(src, (h / sh, w / sw), (top, left), out_hw, interpolation)
     out[max(0, sh - top):] = fill
     out[:, max(0, sw - left):] = fill
     return out
+
+
+def _warp_window(src: np.ndarray, step: tuple[float, float], origin: tuple[int, int], out_hw: tuple[int, int],
+                 interpolation: int) -> np.ndarray:
+    """Sample ``src`` at ``(origin + k + 0.5) * step - 0.5`` for the ``out_hw`` grid, reading only the source
+    rows and columns those points need (clamped at the image's border, as resize does)."""
+    (iy, ix), (top, left), (oh, ow) = step, origin, out_hw
+    h, w = src.shape[:2]
+    y0, x0 = max(0, int((top + 0.5) * iy - 0.5)), max(0, int((left + 0.5) * ix - 0.5))
+    y1, x1 = min(h, int((top + oh - 0.5) * iy - 0.5) + 2), min(w, int((left + ow - 0.5) * ix - 0.5) + 2)
+    window = src[min(y0, h - 1):max(y1, y0 + 1), min(x0, w - 1):max(x1, x0 + 1)]
+    to_window = np.array([[ix, 0.0, (left + 0.5) * ix - 0.5 - min(x0, w - 1)],
+                          [0.0, iy, (top + 0.5) * iy - 0.5 - min(y0, h - 1)]])
+    flags = interpolation | cv2.WARP_INVERSE_MAP
+    if src.ndim == 3 and src.shape[2] == 3:  # OpenCV's 4-channel warp is about 2.5x as fast as its 3-channel one
+        window = cv2.cvtColor(window, cv2.COLOR_RGB2RGBA)
+        warped = cv2.warpAffine(window, to_window, (ow, oh), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+        return cv2.cvtColor(warped, cv2.COLOR_RGBA2RGB)
+    return cv2.warpAffine(window, to_window, (ow, oh), flags=flags, borderMode=cv2.BORDER_REPLICATE)
 
 
 #: Crop windows tried per sample with ``--cat-max-ratio`` below 1 (mmsegmentation's RandomCrop tries 10).
