@@ -272,7 +272,8 @@ class Trainer:
         while self.iteration < self.cfg.max_iters and not self.stopped_by:
             micro, (self.epoch, self.step_in_epoch) = self._ahead.popleft()
             self.train_step(micro)
-            warm_graphs = compiled_graphs() if warm_graphs is None else warm_graphs
+            if self.cfg.compile and warm_graphs is None:  # what the first step compiled
+                warm_graphs = compiled_graphs()
             self.iteration += 1
             self.log.advance()
             self._fetch()
@@ -281,7 +282,7 @@ class Trainer:
         self.stop.drain()
         if self.stopped_by == DATA_ERROR:
             raise self._data_error(saved=True)
-        if self.cfg.compile and warm_graphs is not None:
+        if warm_graphs is not None:
             graphs = compiled_graphs()
             self.log.info(f"torch.compile: {graphs} graphs compiled, {graphs - warm_graphs} of them after the "
                           f"first step (recompilations)")
