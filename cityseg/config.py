@@ -256,8 +256,8 @@ class EvalConfig:
         if not self.data_root and not self.images:
             raise ConfigError("--data-root: missing; pass your Cityscapes root (or --images for your own images)",
                               field="data_root")
-        window, stride = self.window_hw, parse_hw(self.stride)
-        if stride[0] > window[0] or stride[1] > window[1]:  # type: ignore[index]
+        window, stride = self.window_hw, self.stride_hw
+        if stride[0] > window[0] or stride[1] > window[1]:
             raise bad("stride", self.stride, f"must be at most the --window ({self.window}) on each side, or "
                                              f"pixels between windows get no prediction")
         if self.official and self.split == "test":

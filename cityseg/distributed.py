@@ -124,6 +124,11 @@ def is_enabled() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def world_size() -> int:
+    """The number of processes in the group (1 when running alone)."""
+    return dist.get_world_size() if is_enabled() else 1
+
+
 def barrier() -> None:
     """Wait for every rank; a no-op when running alone."""
     if is_enabled():

@@ -40,12 +40,8 @@ def ce_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def ohem_sum(logits: torch.Tensor, target: torch.Tensor, thresh: float, min_kept: int) -> torch.Tensor:
     """Cross-entropy summed over the hard pixels (:func:`hard_pixels`) of the global batch."""
     loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
-    keep = hard_pixels(loss.detach(), target != IGNORE_INDEX, thresh, min_kept * target.shape[0] * _world())
+    keep = hard_pixels(loss.detach(), target != IGNORE_INDEX, thresh, min_kept * target.shape[0] * du.world_size())
     return (loss * keep).sum()
-
-
-def _world() -> int:
-    return torch.distributed.get_world_size() if du.is_enabled() else 1
 
 
 @torch.no_grad()

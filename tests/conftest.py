@@ -206,3 +206,17 @@ def assert_matches_reference(metrics: dict, expected: dict) -> None:
         a, b = metrics["iou"][name], expected["iou"][name]
         assert (a is None and b is None) or abs(a - b) < 1e-9, (name, a, b)
     assert abs(metrics["miou"] - expected["miou"]) < 1e-9 and abs(metrics["pixel_acc"] - expected["pixel_acc"]) < 1e-9
+
+
+def tiny_trainer(root: Path, out: Path, ctx=None, **overrides):
+    """cityseg's Trainer in this process, tiny-model settings unless overridden (``ctx``: a DistContext from
+    ``cityseg.distributed.init``; one CPU process by default)."""
+    from cityseg import distributed as du
+    from cityseg.config import TrainConfig
+    from cityseg.engine import Trainer
+    from cityseg.signals import StopFlag
+
+    settings = dict(data_root=str(root), out_dir=str(out), width=8, crop_size="64x128", device="cpu", wandb="off",
+                    workers=0, batch_size=2, max_iters=10, warmup_iters=0)
+    cfg = TrainConfig(**{**settings, **overrides})
+    return Trainer(cfg, ctx or du.init(cfg.device), StopFlag())

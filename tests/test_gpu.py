@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from cityseg.checkpoint import load
 from cityseg.synthetic import write_tree
-from conftest import free_port, run_script, start_training, wait_for_iteration
+from conftest import free_port, run_script, start_training, tiny_trainer, wait_for_iteration
 
 pytestmark = pytest.mark.gpu
 GPU = ["--device", "cuda", "--wandb", "off", "--workers", "2", "--warmup-iters", "0", "--num-pictures", "0"]
@@ -45,15 +45,7 @@ def _records(out, key):
 
 
 def _trainer(root, out, **overrides):
-    from cityseg import distributed as du
-    from cityseg.config import TrainConfig
-    from cityseg.engine import Trainer
-    from cityseg.signals import StopFlag
-
-    cfg = TrainConfig(**{**dict(data_root=str(root), out_dir=str(out), width=16, crop_size="128x256",
-                                device="cuda", wandb="off", workers=0, batch_size=2, max_iters=100, warmup_iters=0),
-                         **overrides})
-    return Trainer(cfg, du.init("cuda"), StopFlag())
+    return tiny_trainer(root, out, **{"width": 16, "crop_size": "128x256", "device": "cuda", **overrides})
 
 
 def _batch(n=2, hw=(128, 256), seed=0):

@@ -17,7 +17,7 @@ import torch
 from cityseg import checkpoint as ckpt
 from cityseg.signals import StopFlag
 from conftest import (MAX_ITERS, REPO, TINY, assert_same_training_state, run_script, script_command, start_training,
-                      train_args, wait_for_iteration, worker_pid)
+                      tiny_trainer, train_args, wait_for_iteration, worker_pid)
 from wandb_log import read_run
 
 
@@ -271,14 +271,9 @@ def test_a_file_corrupted_mid_run_leaves_a_resumable_checkpoint_and_one_error_li
 
 
 def test_the_weights_are_checked_before_every_checkpoint(synthetic_root, tmp_path):
-    from cityseg import distributed as du
-    from cityseg.config import TrainConfig
-    from cityseg.engine import NonFiniteLossError, Trainer
-    from cityseg.signals import StopFlag
+    from cityseg.engine import NonFiniteLossError
 
-    cfg = TrainConfig(data_root=str(synthetic_root), out_dir=str(tmp_path), width=8, crop_size="64x128",
-                      device="cpu", wandb="off", workers=0, batch_size=2, max_iters=10)
-    trainer = Trainer(cfg, du.init("cpu"), StopFlag())
+    trainer = tiny_trainer(synthetic_root, tmp_path)
     trainer.save_periodic()
     assert ckpt.load(tmp_path / "last.pt")["iteration"] == 0
     with torch.no_grad():

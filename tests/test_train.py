@@ -13,8 +13,9 @@ import torch.nn as nn
 import yaml
 
 from cityseg.checkpoint import load
-from cityseg.config import TrainConfig, parse_config
-from conftest import CLASS_NAMES, TINY, assert_matches_reference, free_port, reference_scores, run_script
+from cityseg.config import parse_config
+from conftest import (CLASS_NAMES, TINY, assert_matches_reference, free_port, reference_scores, run_script,
+                      tiny_trainer)
 from wandb_log import read_run
 
 # The pieces of the reference recipe that change what a step computes (OHEM with a floor that bites at 64x128).
@@ -171,13 +172,7 @@ def test_mixed_precision_reaches_the_model(synthetic_root, tmp_path, amp, dtype)
 
 
 def test_fp16_skips_a_step_with_an_inf_gradient(synthetic_root, tmp_path):
-    from cityseg import distributed as du
-    from cityseg.engine import Trainer
-    from cityseg.signals import StopFlag
-
-    cfg = TrainConfig(data_root=str(synthetic_root), out_dir=str(tmp_path), width=8, crop_size="64x128",
-                      device="cpu", wandb="off", workers=0, batch_size=2, amp="fp16", max_iters=10, warmup_iters=0)
-    trainer = Trainer(cfg, du.init("cpu"), StopFlag())
+    trainer = tiny_trainer(synthetic_root, tmp_path, amp="fp16")
     batch = [(torch.randint(0, 256, (2, 64, 128, 3), dtype=torch.uint8), torch.randint(0, 19, (2, 64, 128),
                                                                                        dtype=torch.uint8))]
     trainer.train_step(batch)
@@ -198,8 +193,6 @@ def _count_allreduce_worker(rank: int, port: int, root: str, out: str) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     from cityseg import distributed as du
-    from cityseg.engine import Trainer
-    from cityseg.signals import StopFlag
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -207,9 +200,7 @@ def _count_allreduce_worker(rank: int, port: int, root: str, out: str) -> None:
     try:
         counts = {}
         for accum in (1, 2, 3):
-            cfg = TrainConfig(data_root=root, out_dir=f"{out}/{accum}", width=8, crop_size="64x128", device="cpu",
-                              wandb="off", workers=0, batch_size=1, accum_steps=accum, max_iters=10)
-            trainer = Trainer(cfg, ctx, StopFlag())
+            trainer = tiny_trainer(root, f"{out}/{accum}", ctx, batch_size=1, accum_steps=accum)
             calls = []
             trainer.ddp.register_comm_hook(None, lambda state, bucket: calls.append(1) or allreduce_hook(None, bucket))
             g = torch.Generator().manual_seed(rank)
