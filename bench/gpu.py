@@ -5,8 +5,10 @@ whole training loop, full-resolution evaluation, and optionally a short training
 
 - step: crops/s, model FLOP utilisation (MFU) and peak memory of cityseg's own Trainer.train_step for bf16,
   bf16 + channels_last and bf16 + channels_last + torch.compile. FLOPs per crop (forward and backward) come from
-  torch's FLOP counter; MFU is against the GPU's dense bf16 peak (H100 and H200: 989 TFLOP/s; --peak-tflops
-  for others). Below the 40% goal, torch.profiler's top kernels are written down with what bounds them.
+  torch's FLOP counter; MFU is against the GPU's dense bf16 peak, looked up by its exact name in
+  PEAK_BF16_TFLOPS (H100 SXM and H200: 989 TFLOP/s; H100 PCIe 756; NVL cards 835; --peak-tflops for others);
+  --no-compile leaves out the compiled row. Below the 40% goal, torch.profiler's top kernels are written down
+  with what bounds them.
 - loop: train.py on a full-resolution synthetic tree, through the decoded cache with 8 workers, against the
   step alone (loop_vs_step = the loop's images/s over the step's crops/s, same configuration).
 - eval: full-resolution (1024x2048) bf16 evaluation, whole image, images/s including loading.
@@ -32,7 +34,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, from the spec sheets
+#: Dense bf16 tensor-core peaks (TFLOP/s) by the exact name torch.cuda.get_device_name() gives, from NVIDIA's
+#: datasheets (half of their "with sparsity" figures). PCIe and NVL cards run at lower clocks and power than the
+#: SXM modules of the same chip, so a name is matched whole, never by a substring.
+PEAK_BF16_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.4,   # H100 SXM5
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H200": 989.4,             # H200 SXM
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA GH200 480GB": 989.4,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA L40S": 362.1,
+}
 GOALS = {"mfu_best": (">=", 0.40), "loop_vs_step": (">=", 0.95), "eval_images_per_s": (">=", 50.0)}
 CROP = (512, 1024)
 # kernels whose time is mostly arithmetic; the rest (normalisation, activations, copies, reductions) mostly
@@ -111,12 +128,13 @@ def profile_top_kernels(trainer: Any, batch: list, top: int = 12) -> list[dict[s
             for e in events[:top]]
 
 
-def bench_step(root: Path, tmp: Path, width: int, batch: int, steps: int, peak: float | None) -> dict[str, Any]:
+def bench_step(root: Path, tmp: Path, width: int, batch: int, steps: int, peak: float | None,
+               compile_row: bool = True) -> dict[str, Any]:
     flops = flops_per_crop(width)
     rows: dict[str, Any] = {}
     data = fixed_batch(batch)
-    for label, channels_last, compiled in (("bf16", False, False), ("bf16+channels_last", True, False),
-                                           ("bf16+channels_last+compile", True, True)):
+    configs = [("bf16", False, False), ("bf16+channels_last", True, False), ("bf16+channels_last+compile", True, True)]
+    for label, channels_last, compiled in configs[:3 if compile_row else 2]:
         trainer = trainer_for(root, tmp / label, width, batch, compiled, channels_last)
         row = measure_step(trainer, data, steps, warmup=10 if compiled else 5)
         row["tflops"] = row["crops_per_s"] * flops / 1e12
@@ -141,7 +159,8 @@ def full_resolution_tree(root: Path, num_train: int, num_val: int) -> Path:
     """A synthetic Cityscapes tree of 1024x2048 images, written by several processes at once."""
     from cityseg.synthetic import write_tree
 
-    write_tree(root, num_train=num_train, num_val=num_val, num_test=0, size=(1024, 2048), seed=0)
+    write_tree(root, num_train=num_train, num_val=num_val, num_test=0, size=(1024, 2048), seed=0,
+               workers=os.cpu_count() or 1)
     return root
 
 
@@ -176,6 +195,7 @@ def bench_eval(root: Path, width: int, workers: int = 8) -> dict[str, Any]:
     from cityseg.model import UNet
 
     ctx = du.init("cuda")
+    torch.backends.cudnn.benchmark = True  # as evaluate.py sets it for whole-image evaluation
     model = UNet(width=width).cuda().to(memory_format=torch.channels_last).eval()
     predictor = Predictor(model, ctx.device, torch.bfloat16, True)
     loader, dataset = val_loader(str(root), "val", ctx, workers)
@@ -245,7 +265,10 @@ def main() -> None:
     p.add_argument("--val-images", type=int, default=24, help="Full-resolution images for the evaluation.")
     p.add_argument("--only", default="step,loop,eval", help="Comma-separated parts: step, loop, eval, curve.")
     p.add_argument("--curve-minutes", type=float, default=0.0, help="Also train this long for a learning curve.")
-    p.add_argument("--peak-tflops", type=float, default=None, help="Dense bf16 peak of this GPU.")
+    p.add_argument("--peak-tflops", type=float, default=None, help="Dense bf16 peak of this GPU (default: from the "
+                   "table of exact GPU names in this file).")
+    p.add_argument("--no-compile", action="store_true", help="Leave out the torch.compile row of the step benchmark "
+                   "(its compilation takes a minute or more).")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--out-dir", default=".", help="Where the profile and the curve's picture go.")
     args = p.parse_args()
@@ -253,7 +276,9 @@ def main() -> None:
         sys.exit("error: bench/gpu.py needs a CUDA GPU; on CPU run bench/run.py instead.")
     parts = set(args.only.split(",")) | ({"curve"} if args.curve_minutes else set())
     name = torch.cuda.get_device_name()
-    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak = args.peak_tflops or PEAK_BF16_TFLOPS.get(name)
+    print(f"{name}: dense bf16 peak " + (f"{peak:g} TFLOP/s ({'--peak-tflops' if args.peak_tflops else 'table'})"
+                                          if peak else "unknown (not in the table; pass --peak-tflops for MFU)"))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -262,8 +287,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cityseg-gpu-bench-") as tmp_name:
         tmp = Path(tmp_name)
         root = full_resolution_tree(tmp / "cityscapes", args.train_images, args.val_images)
-        step = bench_step(root, tmp, args.width, args.batch, args.steps, peak) if parts & {"step", "loop", "curve"} \
-            else None
+        step = bench_step(root, tmp, args.width, args.batch, args.steps, peak, not args.no_compile) \
+            if parts & {"step", "loop", "curve"} else None
         if step:
             result["step"] = step
             print(f"{name}: U-Net width {args.width}, {CROP[0]}x{CROP[1]}, batch {args.batch}, "

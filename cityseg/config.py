@@ -167,7 +167,8 @@ class TrainConfig:
     warmup_factor: float = option(0.1, "Learning-rate multiplier at iteration 0 of the warmup.",
                                   check=number(0, 1))
     poly_power: float = option(0.9, "Exponent of the poly decay (1 - it / max_iters) ** power.", check=number(0))
-    amp: str = option("auto", "Mixed precision; auto = bf16 on CUDA where supported, off on CPU.",
+    amp: str = option("auto", "Mixed precision; auto = bf16 on GPUs with bf16 units (compute capability 8.0+), "
+                              "fp16 with a GradScaler on older GPUs, off on CPU.",
                       ("auto", "bf16", "fp16", "off"))
     # run
     out_dir: str = option("runs/cityseg", "Run directory: checkpoints, logs, config; an existing last.pt is "
@@ -227,7 +228,8 @@ class EvalConfig:
                               "names never collide with a training run's).")
     workers: int = option(4, "DataLoader worker processes per process.", check=integer(0))
     device: str = option("auto", "Device type; auto = cuda when available.", ("auto", "cuda", "cpu"))
-    amp: str = option("auto", "Mixed precision; auto = bf16 on CUDA where supported, off on CPU.",
+    amp: str = option("auto", "Mixed precision; auto = bf16 on GPUs with bf16 units (compute capability 8.0+), "
+                              "fp16 with a GradScaler on older GPUs, off on CPU.",
                       ("auto", "bf16", "fp16", "off"))
     max_images: int = option(0, "Evaluate at most this many images (0 = all).", check=integer(0))
     mode: str = option("whole", "Inference on the whole image, or in sliding windows.", ("whole", "slide"))

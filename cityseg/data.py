@@ -270,9 +270,44 @@ def shutdown(loader: DataLoader) -> None:
     loader._iterator = None
 
 
+#: Batches each DataLoader worker keeps ready; they wait in shared memory (/dev/shm).
+PREFETCH = 4
+
+
 def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: int, pin: bool,
                 drop_last: bool = False) -> DataLoader:
     """A DataLoader with the settings every cityseg loader shares."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin, drop_last=drop_last, worker_init_fn=_worker_init,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                      persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers > 0 else None)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image, from a PNG's header when it is one (no decoding)."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head.startswith(PNG_SIGNATURE) and head[12:16] == b"IHDR":
+        return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
+    return read_image(path).shape[:2]
+
+
+def check_shared_memory(loaders: Sequence[tuple[int, int]], processes: int, flag: str = "--workers",
+                        path: str = "/dev/shm") -> None:
+    """Refuse to start when the batches the DataLoader workers keep in flight cannot fit in ``path``.
+
+    ``loaders`` holds (workers, bytes per batch) of each loader of one process; ``processes`` run on this node.
+    A worker that runs out of shared memory dies with a bare "Bus error"; Docker gives containers 64 MiB."""
+    need = processes * sum(w * PREFETCH * size for w, size in loaders)
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return  # no /dev/shm here: nothing to check
+    have = st.f_frsize * st.f_blocks
+    if need <= have:
+        return
+    per_worker = processes * sum(PREFETCH * size for w, size in loaders if w)
+    fits = max(0, int(have // max(per_worker, 1)))
+    raise DataError(f"{path}: {have / 2**20:.0f} MiB, but the DataLoader workers of the {processes} process(es) "
+                    f"on this node keep about {need / 2**20:.0f} MiB of batches there, and die with 'Bus error' "
+                    f"when it runs out; give the container more (docker --shm-size=2g, or --ipc=host), or lower "
+                    f"{flag} (at most {fits} would fit).", collective=True)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import socket
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -40,20 +43,42 @@ class DistContext:
         return self.world_size > 1
 
 
+def gpu_index(local_rank: int, visible: int) -> int:
+    """The GPU a process takes among the ``visible`` ones: the only one when the task sees one (SLURM's
+    ``--gpus-per-task=1`` or ``--gpu-bind`` give each task its own), else its local rank's."""
+    return 0 if visible == 1 else local_rank % visible
+
+
 def resolve_device(kind: str, local_rank: int) -> torch.device:
-    """``auto`` picks CUDA when available; each process takes the GPU of its local rank."""
+    """``auto`` picks CUDA when available; each process takes one GPU (:func:`gpu_index`)."""
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError("--device: got 'cuda' but no CUDA GPU is visible here; use --device cpu (or auto).",
                               collective=True)
-        if local_rank >= torch.cuda.device_count():
-            raise DeviceError(f"--nproc_per_node: local rank {local_rank} has no GPU ({torch.cuda.device_count()} "
-                              f"visible); start at most one process per GPU.")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = gpu_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def placement(ctx: "DistContext") -> list[str]:
+    """Where every rank runs, in rank order: ``rank 0 on node1 (cuda:0 NVIDIA H200, pid 123)`` (collective)."""
+    where = ctx.device.type if ctx.device.type == "cpu" else \
+        f"{ctx.device} {torch.cuda.get_device_name(ctx.device)}"
+    mine = f"rank {ctx.rank} on {socket.gethostname()} ({where}, pid {os.getpid()})"
+    return [str(p) for p in all_gather_object(mine, ctx.control_group)]
+
+
+class LaunchError(UserError):
+    """The processes of a job cannot form their group (addresses, ports, task counts); the message says what
+    to set."""
+
+
+#: Network variables that choose the interface gloo (the control group, CPU runs) and NCCL use between nodes.
+IFNAME_HINT = ("set GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME on GPUs) to the network interface that connects "
+               "the nodes, e.g. GLOO_SOCKET_IFNAME=eth0")
 
 
 def _launch_env() -> tuple[int, int, int]:
@@ -61,18 +86,43 @@ def _launch_env() -> tuple[int, int, int]:
     script exported MASTER_ADDR and MASTER_PORT (slurm/train.sbatch), else a single process."""
     env = os.environ
     if "RANK" not in env and "SLURM_STEP_NUM_TASKS" in env and "MASTER_ADDR" in env and "MASTER_PORT" in env:
+        _check_slurm_tasks(env)
         return int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_STEP_NUM_TASKS"])
     return int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1"))
 
 
+def _check_slurm_tasks(env: "os._Environ[str] | dict[str, str]") -> None:
+    """Every node of an srun step must run the same number of tasks: local ranks pick GPUs, and the global
+    batch and the schedule assume it."""
+    per_node = []
+    for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+        count, _, repeat = part.partition("(x")
+        if count.strip().isdigit():
+            per_node += [int(count)] * int(repeat.rstrip(")") or 1)
+    if len(set(per_node)) > 1:
+        raise LaunchError(f"this srun step runs {env['SLURM_STEP_NUM_TASKS']} tasks on {len(per_node)} nodes, "
+                          f"unevenly ({env['SLURM_STEP_TASKS_PER_NODE']} per node); give every node the same "
+                          f"number: request --nodes N --ntasks-per-node K (not --ntasks).", collective=True)
+
+
 #: How long a collective may wait for a peer before it raises (a peer that died or hangs).
 TIMEOUT = datetime.timedelta(minutes=30)
+#: How long a rank waits for all the others to join (CITYSEG_RDZV_TIMEOUT_S overrides it, for tests).
+RDZV_TIMEOUT_S = 600.0
+
+
+def _rdzv_timeout() -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(os.environ.get("CITYSEG_RDZV_TIMEOUT_S", RDZV_TIMEOUT_S)))
 
 
 def new_gloo_group() -> Any:
     """A gloo group of all ranks (collective: every rank calls it), for host-side traffic kept apart from the
     default group's."""
-    return dist.new_group(backend="gloo", timeout=TIMEOUT)
+    try:
+        return dist.new_group(backend="gloo", timeout=TIMEOUT)
+    except (RuntimeError, ValueError) as e:
+        raise LaunchError(f"the gloo group of the {dist.get_world_size()} ranks could not form ({_first_line(e)}); "
+                          f"{IFNAME_HINT}.") from None
 
 
 def init(device: str = "auto") -> DistContext:
@@ -82,13 +132,83 @@ def init(device: str = "auto") -> DistContext:
     control = None
     if world > 1:
         if not dist.is_initialized():
+            store = _rendezvous(rank, world)
+            _check_addresses(store, rank, world)
             backend = "nccl" if dev.type == "cuda" else "gloo"
             kwargs: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
-            if "TORCHELASTIC_RESTART_COUNT" in os.environ:
-                kwargs["store"] = _elastic_store(rank, world, TIMEOUT)
-            dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=TIMEOUT, **kwargs)
+            try:
+                dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=TIMEOUT,
+                                        **kwargs)
+            except (RuntimeError, ValueError) as e:
+                raise LaunchError(f"rank {rank} on {socket.gethostname()} could not join the {backend} process "
+                                  f"group of {world} ranks ({_first_line(e)}); {IFNAME_HINT}.") from None
         control = new_gloo_group()
     return DistContext(rank=rank, local_rank=local_rank, world_size=world, device=dev, control_group=control)
+
+
+def _rendezvous(rank: int, world: int) -> dist.Store:
+    """The store the ranks meet in: torchrun's (keys scoped to this restart attempt), else a TCP store served
+    by rank 0 at MASTER_ADDR:MASTER_PORT (SLURM, submitit). Each failure is one line naming the address."""
+    env = os.environ
+    if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        raise LaunchError(f"WORLD_SIZE is {world} but MASTER_ADDR and MASTER_PORT are not set; launch with "
+                          f"torchrun, srun (slurm/train.sbatch) or slurm/submit.py, which set them.", collective=True)
+    addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+    if "TORCHELASTIC_RESTART_COUNT" in env:
+        return _elastic_store(rank, world, _rdzv_timeout())
+    timeout = _rdzv_timeout()
+    try:
+        if rank != 0:  # wait for rank 0's store to listen, quietly (c10d logs every failed attempt)
+            _wait_listening(addr, port, timeout.total_seconds())
+        # A client that reaches some other program listening on the port would wait for its handshake forever:
+        # the store is built in a thread, and given up on after the timeout.
+        return _within(timeout.total_seconds() + 2, dist.TCPStore, addr, port, world, is_master=rank == 0,
+                       timeout=timeout, wait_for_workers=False)
+    except (RuntimeError, ValueError, OSError, TimeoutError) as e:
+        if rank == 0:
+            raise LaunchError(f"rank 0 on {socket.gethostname()} could not serve the rendezvous at {addr}:{port} "
+                              f"({_first_line(e)}); if the port is taken, set MASTER_PORT to a free one, and "
+                              f"MASTER_ADDR to this node's name.") from None
+        error = LaunchError(f"rank {rank} on {socket.gethostname()} could not reach the rendezvous at "
+                            f"{addr}:{port} within {timeout.total_seconds():g} s ({_first_line(e)}); check that "
+                            f"rank 0 started, that MASTER_ADDR names its node and MASTER_PORT is free there, and "
+                            f"that {addr} is reachable from this node.")
+        error.hard_exit = isinstance(e, TimeoutError)  # a store thread may still wait inside c10d
+        raise error from None
+
+
+def _wait_listening(addr: str, port: int, seconds: float) -> None:
+    """Return once something accepts TCP connections at ``addr:port``; TimeoutError after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection((addr, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"nothing answered: {e.strerror or e}") from None
+            time.sleep(0.2)
+
+
+def _within(seconds: float, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, or TimeoutError when it has not returned within ``seconds`` (left running in a
+    daemon thread, which does not keep the process alive)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the caller below
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError("no answer: is another program listening at that port?")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _elastic_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
@@ -104,6 +224,41 @@ def _elastic_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.S
     return dist.PrefixStore(f"cityseg/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
+def own_address() -> tuple[str, str]:
+    """This host's name and the address gloo will advertise for it (what the name resolves to), or the
+    interface GLOO_SOCKET_IFNAME names."""
+    host = socket.gethostname()
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return host, "interface " + os.environ["GLOO_SOCKET_IFNAME"]
+    try:
+        return host, socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)[0][4][0]
+    except OSError:
+        return host, "unresolvable"
+
+
+def _check_addresses(store: dist.Store, rank: int, world: int) -> None:
+    """Before gloo connects anything: every rank publishes its host and address; when the ranks span several
+    hosts, a host whose own name resolves to a loopback (or no) address could never be reached by the others,
+    and every rank stops with the same line instead of waiting for a connection that cannot come."""
+    host, addr = own_address()
+    store.set(f"cityseg/host/{rank}", f"{host} {addr}")
+    peers = [store.get(f"cityseg/host/{r}").decode().split(" ", 1) for r in range(world)]
+    if len({h for h, _ in peers}) < 2:
+        return
+    bad = sorted({(h, a) for h, a in peers if a == "unresolvable" or a.startswith("127.") or a == "::1"})
+    if bad:
+        names = ", ".join(f"{h} ({a})" for h, a in bad)
+        verb = "resolves its" if len(bad) == 1 else "resolve their"
+        raise LaunchError(f"the ranks run on {len({h for h, _ in peers})} hosts but {names} {verb} own name to a "
+                          f"loopback address, which the other hosts cannot reach; {IFNAME_HINT}, or "
+                          f"map each node's name to its network address in /etc/hosts.", collective=True)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__).rstrip(".")
+
+
 def teardown() -> None:
     """Destroy the process group if one is up (safe to call on every exit path)."""
     if dist.is_available() and dist.is_initialized():
@@ -117,6 +272,13 @@ def session(device: str = "auto") -> Iterator[DistContext]:
         yield init(device)
     finally:
         teardown()
+
+
+def local_world_size() -> int:
+    """How many processes of the job run on this node (torchrun and submitit export it; srun steps with
+    ``--ntasks-per-node`` give it to SLURM)."""
+    env = os.environ
+    return int(env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
 
 
 def is_enabled() -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
 import os
 import time
 from pathlib import Path
@@ -17,12 +18,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint as ckpt
 from . import distributed as du
 from .config import TrainConfig, save_yaml
-from .data import CityscapesDataset, TrainSampler, make_loader, shutdown
+from .data import CityscapesDataset, TrainSampler, check_shared_memory, image_size, make_loader, shutdown
 from .errors import DataError, UserError, one_line
 from .evaluation import Predictor, evaluate, make_pictures, val_loader
 from .labels import IGNORE_INDEX
 from .logger import RunLogger, resolve_wandb_mode
-from .losses import ce_sum, ohem_sum
+from .losses import aux_ce_sum, ce_sum, ohem_sum
 from .model import build_model
 from .precision import amp_dtype, autocast
 from .runlock import own_directory
@@ -49,13 +50,34 @@ def lr_factor(it: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """SGD with momentum (the reference recipe) or AdamW, using the multi-tensor/fused implementations."""
+    """SGD with momentum (the reference recipe) or AdamW, fused where the device has fused kernels.
+
+    Fused optimizers also take the GradScaler's unscaling and inf check into their kernel; with any other
+    implementation ``GradScaler.step`` reads the inf flag back to the host (a GPU sync) every fp16 step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               foreach=True)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay,
-                             fused=device.type == "cuda", foreach=None if device.type == "cuda" else True)
+    impl = {"fused": True} if fused_supported(device) else {"foreach": True}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay,
+                                 **impl)
+    sgd = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **impl)
+    if impl.get("fused") and cfg.momentum:
+        # Fused SGD creates its momentum buffers with empty_like on the first step and fills them in its kernel,
+        # which returns early when the GradScaler found an inf: a skipped first fp16 step would leave garbage
+        # for every later step. Zeros give the first real step the same buffer (momentum * 0 + gradient).
+        for p in params:
+            sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return sgd
+
+
+def fused_supported(device: torch.device) -> bool:
+    """Fused SGD and AdamW kernels exist for CUDA, and for the CPU from torch 2.4 on."""
+    if device.type == "cuda":
+        return True
+    try:
+        torch.optim.SGD([torch.zeros(1, device=device, requires_grad=True)], lr=0.1, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
 
 
 def build_model_for(cfg: TrainConfig, ctx: du.DistContext) -> tuple[nn.Module, nn.Module]:
@@ -77,8 +99,13 @@ def build_model_for(cfg: TrainConfig, ctx: du.DistContext) -> tuple[nn.Module, n
     model = model.to(ctx.device, memory_format=torch.channels_last)
     if not ctx.distributed:
         return model, model
-    ddp = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-              forward_sync_buffers=False, gradient_as_bucket_view=True)  # SyncBN keeps buffers equal
+    # Synchronised BatchNorm keeps the running statistics equal on every rank, so DDP need not broadcast them
+    # before each forward (a collective per step). torch 2.13 renamed the switch and deprecated the old name.
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                      else {"broadcast_buffers": False})
+    ddp = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+              gradient_as_bucket_view=True, **no_buffer_sync)
     return model, ddp
 
 
@@ -99,6 +126,9 @@ class Trainer:
         self.loader = make_loader(train_set, self.sampler, cfg.batch_size, cfg.workers, pin, drop_last=True)
         self.val, self.val_set = val_loader(cfg.data_root, cfg.val_split, ctx, min(cfg.workers, 2),
                                             cfg.max_val_images)
+        val_hw = image_size(self.val_set.samples[0].image)
+        check_shared_memory([(cfg.workers, cfg.batch_size * cfg.crop_hw[0] * cfg.crop_hw[1] * 4),
+                             (min(cfg.workers, 2), val_hw[0] * val_hw[1] * 4)], du.local_world_size())
         self.model, self.ddp = build_model_for(cfg, ctx)
         self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
         self.predictor = Predictor(self.model, ctx.device, self.dtype, self.channels_last)
@@ -135,7 +165,11 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if self.scaler.is_enabled() and not state["scaler"]:
+            self.log.info(f"the checkpoint was trained with --amp {state['config'].get('amp')}, without a "
+                          f"GradScaler; fp16 training continues with a fresh one (scale {self.scaler.get_scale():g})")
+        else:
+            self.scaler.load_state_dict(state["scaler"])
         self.iteration, self.epoch = int(state["iteration"]), int(state["epoch"])
         self.best_miou, self.wandb_id = float(state["best_miou"]), state.get("wandb_id")
         ckpt.set_rng_state(state["rng"])
@@ -229,7 +263,7 @@ class Trainer:
             total = ohem_sum(logits, y, cfg.ohem_thresh, cfg.ohem_min_kept)
         else:
             total = ce_sum(logits, y)
-        return total if aux is None else total + cfg.aux_weight * ce_sum(aux, y)
+        return total if aux is None else total + cfg.aux_weight * aux_ce_sum(aux, y, self.model.aux_stride)
 
     def steps(self) -> Iterator[tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[int, int]]]:
         """This rank's batches across epochs from the saved position on, ``accum_steps`` micro-batches per
@@ -374,6 +408,8 @@ class Trainer:
         self.wandb_id = self.log.start_wandb(mode, cfg.to_dict(), self.wandb_id, cfg.wandb_project,
                                              cfg.wandb_entity, cfg.run_name or self.out.name)
         self.wandb_id = du.broadcast_object(self.wandb_id)
+        placement = du.placement(self.ctx)
+        self.log.info("placement: " + "; ".join(placement))
         self.log.open_bar(cfg.max_iters, self.iteration)
         self.log.info(f"training {cfg.max_iters} iterations on {self.ctx.world_size} x {self.ctx.device.type} "
                       f"(global batch {self.sampler.global_batch * cfg.accum_steps}, "
@@ -435,14 +471,36 @@ def _hms(seconds: float) -> str:
 
 
 def set_determinism(deterministic: bool) -> None:
-    """cuDNN autotuning for speed, or deterministic kernels so that runs repeat bit for bit on GPUs."""
+    """cuDNN autotuning for speed, or deterministic kernels so that runs repeat bit for bit on GPUs.
+
+    Deterministic mode is strict: an op without a deterministic CUDA kernel raises (see
+    :class:`NondeterministicOpError`) rather than quietly breaking the promise. Every op of cityseg's recipes
+    has one: the padding, the auxiliary loss and the cross-entropy are written for it."""
     torch.backends.cudnn.benchmark = not deterministic  # crops have one size: the tuned choice is reused
     torch.backends.cudnn.deterministic = deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
-    # warn_only: kernels without a deterministic version (bilinear upsampling's backward, used by the
-    # auxiliary head) still run, with a warning, rather than stopping the run
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+class NondeterministicOpError(UserError):
+    """--deterministic met an op that has no deterministic CUDA kernel."""
+
+    collective = True
+
+
+@contextlib.contextmanager
+def _explain_nondeterminism() -> Iterator[None]:
+    """Turn PyTorch's refusal of a nondeterministic op under ``--deterministic`` into one line."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "does not have a deterministic implementation" not in str(e):
+            raise
+        op = str(e).split(" does not have")[0].strip().split()[-1]
+        raise NondeterministicOpError(f"--deterministic: {op} has no deterministic CUDA kernel, so this run "
+                                      f"could not repeat bit for bit; drop --deterministic, or the option that "
+                                      f"uses it.") from None
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -454,7 +512,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         trainer = Trainer(cfg, ctx, stop)
         try:
             trainer.resume()
-            return trainer.fit()
+            with _explain_nondeterminism():
+                return trainer.fit()
         finally:
             shutdown(trainer.loader)
             shutdown(trainer.val)

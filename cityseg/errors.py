@@ -13,6 +13,9 @@ class UserError(Exception):
 
     #: True when every rank raises the same error together; then only rank 0 prints it.
     collective = False
+    #: True when a thread may still be blocked in native code: exit at once after printing, since the
+    #: interpreter's shutdown could wait for it or abort.
+    hard_exit = False
 
     def __init__(self, message: str, collective: bool | None = None):
         super().__init__(message)
@@ -39,6 +42,9 @@ def report_user_errors() -> Iterator[None]:
     try:
         yield
     except UserError as e:
-        if not e.collective or os.environ.get("RANK", "0") == "0":
+        if not e.collective or os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
             print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        if e.hard_exit:
+            sys.stdout.flush()
+            os._exit(2)
         raise SystemExit(2) from None

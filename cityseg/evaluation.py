@@ -136,6 +136,8 @@ def make_pictures(predictor: Predictor, dataset: CityscapesDataset, result: dict
 # -- the evaluate.py job -------------------------------------------------------------------------------
 def run_evaluation(cfg: EvalConfig) -> dict[str, Any] | None:
     """The evaluate.py job: shard the split over ranks, all-reduce once, report on rank 0."""
+    # cuDNN autotuning pays off when the images share one size (a Cityscapes split); --images may give many
+    torch.backends.cudnn.benchmark = not cfg.images
     with du.session(cfg.device) as ctx:
         model, state = load_model(cfg.checkpoint, ctx.device)
         mode = InferenceMode(cfg.mode, cfg.window_hw, cfg.stride_hw, cfg.tta == "flip", cfg.scale_list())

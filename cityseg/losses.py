@@ -33,8 +33,21 @@ LO_BINS = 1 << 16
 
 
 def ce_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over the labelled pixels (fp32)."""
-    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+    """Cross-entropy summed over the labelled pixels (fp32).
+
+    Per-pixel losses, then a sum: CUDA's reducing cross-entropy kernel adds with atomics, which
+    ``--deterministic`` refuses; an elementwise loss and a tree sum are deterministic and cost little."""
+    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none").sum()
+
+
+def aux_ce_sum(logits: torch.Tensor, target: torch.Tensor, stride: int) -> torch.Tensor:
+    """Cross-entropy of an auxiliary head's logits at its own resolution (``stride`` times coarser than
+    ``target``), against the labels taken every ``stride`` pixels (nearest-neighbour downsampling), each
+    counted ``stride**2`` times so that the sum stands for the full-resolution pixels.
+
+    Upsampling the logits instead would make bilinear interpolation's backward, whose CUDA kernel adds with
+    atomics (refused by ``--deterministic``), part of every step, and cost a full-resolution map of logits."""
+    return ce_sum(logits, target[:, ::stride, ::stride]) * (stride * stride)
 
 
 def ohem_sum(logits: torch.Tensor, target: torch.Tensor, thresh: float, min_kept: int) -> torch.Tensor:
@@ -58,27 +71,31 @@ def hard_pixels(loss: torch.Tensor, valid: torch.Tensor, thresh: float, k: int) 
 @torch.no_grad()
 def kth_largest(values: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k``-th largest of the non-negative ``values`` where ``valid``, over all ranks (a 0-d tensor on
-    their device); the smallest one when fewer than ``k`` are valid, +inf when none is or ``k`` is 0."""
+    their device); the smallest one when fewer than ``k`` are valid, +inf when none is or ``k`` is 0.
+
+    Every index stays a one-element tensor read with ``gather``: indexing with a 0-d tensor (``above[j]``) would
+    read it back to the host (``.item()``), a GPU stream synchronisation."""
     bits = values.float().clamp_min(0).contiguous().view(torch.int32).reshape(-1).long()
     valid = valid.reshape(-1)
-    hi = torch.where(valid, bits >> 16, HI_BINS)  # invalid pixels land in a bin that is dropped
-    counts_hi = _histogram(hi, HI_BINS)
-    total = counts_hi.sum()
-    want = torch.clamp(total, max=k)  # the rank from the top to find
+    hi = (bits >> 16).clamp(0, HI_BINS - 1)  # NaN (above +inf's bits) counts as +inf
+    counts_hi = _histogram(hi, valid, HI_BINS)
+    want = torch.clamp(counts_hi.sum(), max=k).reshape(1)  # the rank from the top to find
     above = counts_hi.flip(0).cumsum(0)  # above[j]: how many are in bins HI_BINS-1-j and higher
-    j = torch.searchsorted(above, want.reshape(1)).clamp_max(HI_BINS - 1)[0]
+    j = torch.searchsorted(above, want).clamp_max(HI_BINS - 1)
     bin_hi = HI_BINS - 1 - j
-    want_lo = want - (above[j] - counts_hi[bin_hi])  # its rank from the top within that bin
-    lo = torch.where(valid & (hi == bin_hi), bits & 0xFFFF, LO_BINS)
-    above_lo = _histogram(lo, LO_BINS).flip(0).cumsum(0)
-    bin_lo = LO_BINS - 1 - torch.searchsorted(above_lo, want_lo.reshape(1)).clamp_max(LO_BINS - 1)[0]
+    want_lo = want - (above.gather(0, j) - counts_hi.gather(0, bin_hi))  # its rank from the top within that bin
+    above_lo = _histogram(bits & 0xFFFF, valid & (hi == bin_hi), LO_BINS).flip(0).cumsum(0)
+    bin_lo = LO_BINS - 1 - torch.searchsorted(above_lo, want_lo).clamp_max(LO_BINS - 1)
     value = ((bin_hi << 16) | bin_lo).to(torch.int32).view(torch.float32)
-    return torch.where(want > 0, value, torch.full_like(value, math.inf))
+    return torch.where(want > 0, value, torch.full_like(value, math.inf))[0]
 
 
-def _histogram(index: torch.Tensor, bins: int) -> torch.Tensor:
-    """Counts of ``index`` in ``[0, bins)`` (others dropped), summed over ranks; no host synchronisation
-    (``torch.bincount`` would read the largest index back to size its output)."""
-    counts = torch.zeros(bins + 1, dtype=torch.int64, device=index.device)
-    counts.index_add_(0, index.clamp(0, bins), torch.ones_like(index))
-    return du.all_reduce_sum(counts[:bins].contiguous())
+def _histogram(index: torch.Tensor, counted: torch.Tensor, bins: int) -> torch.Tensor:
+    """How many ``counted`` elements fall in each bin ``index`` (in ``[0, bins)``), summed over ranks.
+
+    Every element adds 0 or 1 to its own bin, so uncounted ones do not pile onto one sentinel address
+    (millions of atomics on one word on a GPU); ``torch.bincount`` is avoided because it reads the largest
+    index back to the host to size its output."""
+    counts = torch.zeros(bins, dtype=torch.int64, device=index.device)
+    counts.index_add_(0, index, counted.long())
+    return du.all_reduce_sum(counts)

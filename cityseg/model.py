@@ -42,11 +42,12 @@ class UNet(nn.Module):
     """Four-level U-Net; ``width`` is the channel count of the first level (64 = the classic 31M net).
 
     With ``aux`` it also has an auxiliary head for training: a 1x1 classifier on the decoder's half-resolution
-    stage (``2 * width`` channels), whose logits ``forward(x, aux=True)`` returns beside the main ones,
-    upsampled to the input's size.
+    stage (``2 * width`` channels), whose logits ``forward(x, aux=True)`` returns beside the main ones at that
+    stage's resolution (``aux_stride``), covering the input's ``ceil(H / 2) x ceil(W / 2)``.
     """
 
     multiple = 16  # four 2x poolings
+    aux_stride = 2
 
     def __init__(self, num_classes: int = NUM_CLASSES, width: int = 64, in_channels: int = 3, aux: bool = False):
         super().__init__()
@@ -59,9 +60,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         h, w = x.shape[-2:]
-        ph, pw = (-h) % self.multiple, (-w) % self.multiple
-        if ph or pw:  # pad bottom/right to a multiple of 16; the logits are cropped back below
-            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "constant")
+        x = pad_to_multiple(x, self.multiple)  # the logits are cropped back below
         skips = [self.inc(x)]
         for down in self.down:
             skips.append(down(skips[-1]))
@@ -75,8 +74,28 @@ class UNet(nn.Module):
             return logits
         if self.aux_head is None:
             raise ValueError("this U-Net was built without an auxiliary head (aux=False)")
-        aux_logits = F.interpolate(self.aux_head(half), size=y.shape[-2:], mode="bilinear", align_corners=False)
-        return logits, aux_logits[..., :h, :w]
+        s = self.aux_stride
+        return logits, self.aux_head(half)[..., :-(-h // s), :-(-w // s)]
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad the bottom and right of an NCHW batch to a multiple of ``multiple`` by reflection (zeros for inputs
+    smaller than the padding).
+
+    The same values as ``F.pad(mode="reflect")``, built from slices, flips and concatenations, whose backward
+    passes are plain copies: reflection padding's own CUDA backward adds with atomics, which ``--deterministic``
+    refuses."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if not (ph or pw):
+        return x
+    if min(h, w) <= max(ph, pw):
+        return F.pad(x, (0, pw, 0, ph))
+    if ph:
+        x = torch.cat([x, x[..., h - 1 - ph:h - 1, :].flip(-2)], dim=-2)
+    if pw:
+        x = torch.cat([x, x[..., w - 1 - pw:w - 1].flip(-1)], dim=-1)
+    return x
 
 
 def build_model(width: int, num_classes: int = NUM_CLASSES, aux: bool = False) -> UNet:

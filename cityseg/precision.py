@@ -7,11 +7,20 @@ import contextlib
 import torch
 
 
+def has_bf16_units(capability: tuple[int, int]) -> bool:
+    """True for GPUs with bfloat16 tensor cores (compute capability 8.0 and up: A100, L40S, H100, ...).
+
+    ``torch.cuda.is_bf16_supported()`` also says True on a V100 or T4, where bf16 is emulated and slow."""
+    return capability >= (8, 0)
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``--amp`` (None = full precision)."""
+    """The autocast dtype for ``--amp`` (None = full precision). ``auto``: bf16 on GPUs with bf16 units, fp16
+    (with a GradScaler) on older GPUs, full precision on CPU."""
     if amp == "auto":
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_ok else None
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if has_bf16_units(torch.cuda.get_device_capability(device)) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 

@@ -1,4 +1,11 @@
-"""Synchronised BatchNorm for every device: ``nn.SyncBatchNorm`` on CUDA, our own on CPU/gloo.
+"""Synchronised BatchNorm for every device: :class:`CUDASyncBatchNorm` on GPUs, :class:`CPUSyncBatchNorm` on CPU.
+
+On GPUs, ``nn.SyncBatchNorm`` drops the statistics of ranks with empty batches by a boolean index, which reads
+the mask back to the host: a stream synchronisation in each of a U-Net's BatchNorm layers, every step.
+:class:`CUDASyncBatchNorm` computes the same thing from the same fused CUDA kernels (``batch_norm_stats``,
+``batch_norm_elemt``, ``batch_norm_backward_reduce``, ``batch_norm_backward_elemt``) with one all-reduce of
+(sum, sum of squares, count) per forward and one of the gradient sums per backward, and no host
+synchronisation (cityseg never gives a rank an empty batch).
 
 PyTorch's ``nn.SyncBatchNorm`` refuses CPU tensors, so CPU runs use :class:`CPUSyncBatchNorm`, which sums
 per-channel statistics over the ranks of a process group in its forward and the matching gradient sums in its
@@ -59,18 +66,18 @@ class _SyncBatchNorm(torch.autograd.Function):
                            torch.full((1,), float(n), dtype=torch.float64, device=x.device)])
         if _world(group) > 1:
             stats = rank_sum(stats, group)
-        total = stats[-1]
+        total = stats[-1:]
         mean = stats[:c] / total
         var = (stats[c:2 * c] / total - mean * mean).clamp_min(0)
         shift, var32 = (mean - mean_l64).float(), var.float()  # shift: the global mean in xc's coordinates
         y = torch.batch_norm(xc, weight, bias, shift, var32, False, 0.0, eps, False)
-        ctx.save_for_backward(xc, weight, shift, var32)
-        ctx.eps, ctx.total, ctx.dtype, ctx.group = eps, float(total), x.dtype, group
+        ctx.save_for_backward(xc, weight, shift, var32, total)
+        ctx.eps, ctx.dtype, ctx.group = eps, x.dtype, group
         return y.to(x.dtype), mean, var, total
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar, _dtotal):  # type: ignore[override]
-        xc, weight, shift, var = ctx.saved_tensors
+        xc, weight, shift, var, total = ctx.saved_tensors
         c = xc.shape[1]
         dy = dy.float()
         invstd = torch.rsqrt(var + ctx.eps)
@@ -82,7 +89,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         sums = torch.cat([gb, gw]).double()
         if _world(ctx.group) > 1:
             sums = rank_sum(sums, ctx.group)
-        mean_dy, mean_dy_xhat = (sums / ctx.total).float().split(c)
+        mean_dy, mean_dy_xhat = (sums / total).float().split(c)
         # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)) = a * dy + b * xc + b0 per channel:
         # b * xc + b0 by the eval-mode kernel (zero mean, unit variance, no eps), then a * dy added in place.
         a = w * invstd
@@ -95,9 +102,61 @@ class _SyncBatchNorm(torch.autograd.Function):
         return dx.to(ctx.dtype), gw.to(weight.dtype), gb.to(weight.dtype), None, None
 
 
-class CPUSyncBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are taken over the batches of all ranks of ``process_group``
-    (the default group when None), like ``nn.SyncBatchNorm``; the group must be a gloo one."""
+class _CUDASyncBatchNorm(torch.autograd.Function):
+    """Training-mode BatchNorm over all ranks' batches from PyTorch's fused CUDA kernels, with no host sync.
+
+    Forward: local mean and variance (``batch_norm_stats`` with eps 0 returns ``1/std``), one fp64 all-reduce
+    of ``[n*mean, n*(var + mean^2), n]`` (sums added in fp64, so no cancellation in fp32), the global mean and
+    ``1/sqrt(var + eps)``, then ``batch_norm_elemt``. Backward: ``batch_norm_backward_reduce`` gives the local
+    ``sum(dy)`` and ``sum(dy * (x - mean))`` (and the weight and bias gradients), one all-reduce sums them,
+    ``batch_norm_backward_elemt`` forms dx with the global count.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, group):  # type: ignore[override]
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous()
+        c = x.shape[1]
+        n = x.numel() // c
+        mean_l, inv_std_l = torch.batch_norm_stats(x, 0.0)
+        mean_l64, var_l64 = mean_l.double(), inv_std_l.double().pow(-2)
+        stats = torch.cat([mean_l64 * n, (var_l64 + mean_l64 * mean_l64) * n,
+                           torch.full((1,), float(n), dtype=torch.float64, device=x.device)])
+        if _world(group) > 1:
+            dist.all_reduce(stats, group=group)
+        total = stats[-1:]
+        mean = stats[:c] / total
+        var = (stats[c:2 * c] / total - mean * mean).clamp_min(0)
+        mean32, invstd = mean.float(), torch.rsqrt(var + eps).float()
+        y = torch.batch_norm_elemt(x, weight, bias, mean32, invstd, eps)
+        ctx.save_for_backward(x, weight, mean32, invstd, total.to(torch.int32))
+        ctx.group = group
+        return y, mean, var, total
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar, _dtotal):  # type: ignore[override]
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        if not dy.is_contiguous(memory_format=torch.channels_last):
+            dy = dy.contiguous()
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        sum_dy, sum_dy_xmu, gw, gb = torch.batch_norm_backward_reduce(
+            dy, x, mean, invstd, weight, need_x, need_w and weight is not None, need_b and weight is not None)
+        dx = None
+        if need_x:
+            sums = torch.cat([sum_dy, sum_dy_xmu])
+            if _world(ctx.group) > 1:
+                dist.all_reduce(sums, group=ctx.group)
+            sum_dy, sum_dy_xmu = sums.split(sum_dy.shape[0])
+            w = weight.to(mean.dtype) if weight is not None and weight.dtype != mean.dtype else weight
+            dx = torch.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, count)
+        return dx, gw, gb, None, None
+
+
+class _SyncBatchNormBase(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are taken over the batches of all ranks of ``process_group`` (the
+    default group when None); ``FUNCTION`` computes them, this class keeps the running statistics."""
+
+    FUNCTION: Any = None
 
     def __init__(self, *args: Any, process_group: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -108,13 +167,14 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
             return super().forward(x)
         return self._train_forward(x)
 
-    # Run eagerly under torch.compile: its fused reductions over a channels_last map took the statistics
-    # with errors of about 2% of the gradients in a tiny U-Net, against 7e-5 eagerly.
+    # Run eagerly under torch.compile: the collectives would break its graph anyway, and on CPU its fused
+    # reductions over a channels_last map took the statistics with errors of about 2% of the gradients in a
+    # tiny U-Net, against 7e-5 eagerly.
     @torch.compiler.disable
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, mean, var, total = _SyncBatchNorm.apply(x, self.weight if self.affine else None,
-                                                   self.bias if self.affine else None, self.eps,
-                                                   self.process_group)
+        y, mean, var, total = self.FUNCTION.apply(x, self.weight if self.affine else None,
+                                                  self.bias if self.affine else None, self.eps,
+                                                  self.process_group)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -125,20 +185,27 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
         return y
 
 
+class CPUSyncBatchNorm(_SyncBatchNormBase):
+    """Synchronised BatchNorm2d for CPU tensors (sums over a gloo group)."""
+
+    FUNCTION = _SyncBatchNorm
+
+
+class CUDASyncBatchNorm(_SyncBatchNormBase):
+    """Synchronised BatchNorm2d for CUDA tensors, without host synchronisation (sums over NCCL, or gloo)."""
+
+    FUNCTION = _CUDASyncBatchNorm
+
+
 def convert_sync_batchnorm(module: nn.Module, device: torch.device, process_group: Any = None) -> nn.Module:
-    """Replace every BatchNorm2d with the synchronised one that works on ``device``, over ``process_group``."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
-    return _convert_cpu(module, process_group)
-
-
-def _convert_cpu(module: nn.Module, group: Any) -> nn.Module:
-    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, CPUSyncBatchNorm):
-        new = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats, process_group=group)
+    """Replace every BatchNorm2d with the synchronised one for ``device``, summing over ``process_group``."""
+    cls = CUDASyncBatchNorm if device.type == "cuda" else CPUSyncBatchNorm
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, _SyncBatchNormBase):
+        new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                  process_group=process_group)
         new.load_state_dict(module.state_dict())
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        module.add_module(name, _convert_cpu(child, group))
+        module.add_module(name, convert_sync_batchnorm(child, device, process_group))
     return module

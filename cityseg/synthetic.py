@@ -13,6 +13,7 @@ noise), so image and labels agree pixel for pixel.  Everything follows from ``(s
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import sys
@@ -682,8 +683,9 @@ def write_image(img_dir: Path, gt_dir: Path, split: str, index: int, name: str,
 
 
 def write_tree(out: str | Path, num_train: int, num_val: int, num_test: int = 0,
-               size: tuple[int, int] = (256, 512), seed: int = 0, layout: str = "downloads") -> Path:
-    """Write a synthetic Cityscapes tree under ``out`` and return the root for ``--data-root``."""
+               size: tuple[int, int] = (256, 512), seed: int = 0, layout: str = "downloads", workers: int = 1) -> Path:
+    """Write a synthetic Cityscapes tree under ``out`` and return the root for ``--data-root``; ``workers``
+    processes write images at once (each image depends only on its split, index and seed)."""
     if layout not in LAYOUT_DIRS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUT_DIRS)}, got {layout!r}")
     if min(num_train, num_val, num_test) < 0:
@@ -695,10 +697,19 @@ def write_tree(out: str | Path, num_train: int, num_val: int, num_test: int = 0,
         raise ValueError(f"size must be at least {MIN_SIDE}x{MIN_SIDE}, got {h}x{w}")
     root = Path(out)
     img_rel, gt_rel = LAYOUT_DIRS[layout]
-    for split, n in zip(SPLITS, (num_train, num_val, num_test)):
-        for i, name in enumerate(image_names(split, n)):
-            write_image(root / img_rel, root / gt_rel, split, i, name, (h, w), seed)
+    jobs = [(root / img_rel, root / gt_rel, split, i, name, (h, w), seed)
+            for split, n in zip(SPLITS, (num_train, num_val, num_test)) for i, name in enumerate(image_names(split, n))]
+    if workers > 1 and len(jobs) > 1:
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+            list(pool.map(_write_job, jobs))
+    else:
+        for job in jobs:
+            _write_job(job)
     return root
+
+
+def _write_job(job: tuple) -> None:
+    write_image(*job)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -739,6 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_count, default=0, help="random seed (default 0)")
     p.add_argument("--layout", choices=sorted(LAYOUT_DIRS), default="downloads",
                    help="downloads: leftImg8bit/ + gtFine/; trainvaltest: the *_trainvaltest wrappers")
+    p.add_argument("--workers", type=_count, default=1, help="processes writing images at once (default 1)")
     return p
 
 
@@ -747,7 +759,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        root = write_tree(args.out, args.num_train, args.num_val, args.num_test, args.size, args.seed, args.layout)
+        root = write_tree(args.out, args.num_train, args.num_val, args.num_test, args.size, args.seed, args.layout,
+                          max(1, args.workers))
     except (OSError, ValueError) as exc:
         print(f"python -m cityseg.synthetic: error: {exc}", file=sys.stderr)
         return 1

@@ -35,3 +35,18 @@ def test_one_task_per_gpu_by_default():
 def test_bad_training_flags_fail_before_submitting(tmp_path):
     proc = submit(["--dry-run", "--folder", str(tmp_path)], ["--data-root", "x", "--crop-size", "big"])
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --crop-size")
+
+
+def test_gpu_check_fails_without_torch_and_passes_without_a_gpu(tmp_path):
+    missing = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                             env={"PATH": "/usr/bin:/bin", "PYTHON": str(tmp_path / "no-python"),
+                                  "OUT_DIR": str(tmp_path / "out")})
+    assert missing.returncode == 1 and "cannot import torch" in missing.stdout, missing.stdout + missing.stderr
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    cpu = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OUT_DIR": str(tmp_path / "out")})
+    assert cpu.returncode == 0 and "sees no CUDA GPU; nothing to check" in cpu.stdout, cpu.stdout + cpu.stderr
+    assert not (tmp_path / "out").exists()

@@ -235,3 +235,15 @@ def test_cli_bad_size_is_one_clear_line(tmp_path: Path, size: str) -> None:
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "--size" in err[0] and size in err[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_several_writer_processes_write_the_same_files(tmp_path):
+    import hashlib
+
+    def digest(root):
+        return sorted((str(p.relative_to(root)), hashlib.sha256(p.read_bytes()).hexdigest())
+                      for p in root.rglob("*") if p.is_file())
+
+    one = write_tree(tmp_path / "one", num_train=3, num_val=2, num_test=1, size=(64, 128), seed=5)
+    three = write_tree(tmp_path / "three", num_train=3, num_val=2, num_test=1, size=(64, 128), seed=5, workers=3)
+    assert digest(one) == digest(three) and len(digest(one)) > 20

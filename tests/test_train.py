@@ -20,7 +20,7 @@ from wandb_log import read_run
 
 # The pieces of the reference recipe that change what a step computes (OHEM with a floor that bites at 64x128).
 MM_PIECES = ["--loss", "ohem", "--ohem-min-kept", "1000", "--aux-weight", "0.4", "--cat-max-ratio", "0.75",
-             "--photometric", "full"]
+             "--photometric", "full", "--deterministic"]  # strict deterministic mode: no op of the recipe refuses
 
 
 def _train(root, out, nproc, *extra):
@@ -189,6 +189,41 @@ def test_fp16_skips_a_step_with_an_inf_gradient(synthetic_root, tmp_path):
     assert not torch.equal(trainer.model.inc[0].weight, before["inc.0.weight"])
 
 
+def test_fp16_first_step_skipped_for_an_inf_leaves_sgd_momentum_clean(synthetic_root, tmp_path):
+    # Fused SGD creates its momentum buffers on its first step, inside the kernel the GradScaler's inf skips.
+    # A skipped first step must leave the next one as the first real step: momentum = that step's gradient.
+    g = torch.Generator().manual_seed(0)
+    batch = [(torch.randint(0, 256, (2, 64, 128, 3), generator=g, dtype=torch.uint8),
+              torch.randint(0, 19, (2, 64, 128), generator=g, dtype=torch.uint8))]
+    skipped = tiny_trainer(synthetic_root, tmp_path / "skipped", amp="fp16")
+    handle = skipped.model.inc[0].weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    skipped.train_step(batch)
+    handle.remove()
+    assert skipped.scaler.get_scale() == 2.0 ** 15  # the inf step was skipped
+    skipped.train_step(batch)
+    fresh = tiny_trainer(synthetic_root, tmp_path / "fresh", amp="fp16")
+    fresh.train_step(batch)
+    assert fresh.scaler.get_scale() == 2.0 ** 16  # a real first step
+    for (name, a), b in zip(skipped.model.named_parameters(), fresh.model.parameters()):
+        buf_a, buf_b = skipped.optimizer.state[a]["momentum_buffer"], fresh.optimizer.state[b]["momentum_buffer"]
+        assert torch.isfinite(buf_a).all(), name
+        torch.testing.assert_close(buf_a, buf_b, atol=1e-3 * float(buf_b.abs().max()) + 1e-6, rtol=0, msg=name)
+    for log in (skipped.log, fresh.log):
+        log.close()
+
+
+def test_resuming_in_fp16_from_a_full_precision_checkpoint(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    args = ["--batch-size", "2", "--lr", "0.05", "--eval-every", "0", "--num-pictures", "0"]
+    _train_here(synthetic_root, out, *args, "--max-iters", "2", "--amp", "off")
+    _train_here(synthetic_root, out, *args, "--max-iters", "4", "--amp", "fp16")
+    log = (out / "train.log").read_text()
+    assert "the checkpoint was trained with --amp off, without a GradScaler; fp16 training continues with a " \
+           "fresh one (scale 65536)" in log
+    state = load(out / "last.pt")
+    assert state["iteration"] == 4 and "scale" in state["scaler"]
+
+
 def _count_allreduce_worker(rank: int, port: int, root: str, out: str) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
@@ -259,3 +294,21 @@ def test_compiled_model_trains_like_eager(synthetic_root, tmp_path):
         assert not any(k.startswith("_orig_mod.") for k in b["model"])
         for k, v in a["model"].items():
             torch.testing.assert_close(b["model"][k], v, atol=1e-4, rtol=1e-3, msg=f"{run}: {k}")
+
+
+def test_an_op_without_a_deterministic_kernel_is_one_line():
+    # PyTorch's refusal under --deterministic (its wording for CUDA's bilinear upsampling backward), as the
+    # trainer turns it into a user-facing line; other RuntimeErrors pass through untouched.
+    from cityseg.engine import NondeterministicOpError, _explain_nondeterminism
+
+    refusal = ("upsample_bilinear2d_backward_out_cuda does not have a deterministic implementation, but you set "
+               "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this operation...")
+    with pytest.raises(NondeterministicOpError) as e:
+        with _explain_nondeterminism():
+            raise RuntimeError(refusal)
+    assert str(e.value) == ("--deterministic: upsample_bilinear2d_backward_out_cuda has no deterministic CUDA kernel, "
+                            "so this run could not repeat bit for bit; drop --deterministic, or the option that "
+                            "uses it.")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with _explain_nondeterminism():
+            raise RuntimeError("CUDA out of memory")
