@@ -5,15 +5,23 @@
 Writes OUT/metrics.json (OUT = --out-dir, or the checkpoint's directory). Every flag: python evaluate.py --help
 """
 
-from cityseg.config import EvalConfig, parse_config
-from cityseg.errors import report_user_errors
-from cityseg.evaluation import run_evaluation
+import os
+import sys
 
 
 def main(argv=None) -> None:
-    with report_user_errors():
-        cfg = parse_config(argv, EvalConfig)
-        run_evaluation(cfg)
+    try:  # Ctrl-C at any point, imports included: one line and status 130, not a traceback
+        from cityseg.config import EvalConfig, parse_config
+        from cityseg.errors import report_user_errors
+        from cityseg.eval_job import run_evaluation
+
+        with report_user_errors():
+            cfg = parse_config(argv, EvalConfig)
+            run_evaluation(cfg)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print("evaluate.py: interrupted (Ctrl-C).", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,19 @@ class DecodedCache:
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
-        meta = json.loads((self.dir / INDEX).read_text())
-        self.names = [e["name"] for e in meta["images"]]
-        self.entries = meta["images"]
+        redo = "rerun `python -m cityseg.prepare` for this split, or pass --cache-dir none to read the PNGs"
+        try:
+            meta = json.loads((self.dir / INDEX).read_text())
+            self.entries = meta["images"]
+            self.names = [e["name"] for e in self.entries]
+            pixels = sum(e["height"] * e["width"] for e in self.entries)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{self.dir / INDEX}: not a readable cache index ({type(e).__name__}); {redo}.") from None
+        for name, size in ((IMAGES, 3 * pixels), (LABELS, pixels)):  # a cut copy would fail mid-run
+            have = (self.dir / name).stat().st_size if (self.dir / name).is_file() else -1
+            if have != size:
+                raise DataError(f"{self.dir / name}: {'missing' if have < 0 else f'{have} bytes'}, but the cache's "
+                                f"index lists {len(self.entries)} images of {size} bytes in all; {redo}.")
         self._maps: tuple[np.memmap, np.memmap] | None = None
 
     def __getstate__(self) -> dict:
@@ -56,11 +66,15 @@ class DecodedCache:
         return image, label
 
 
-def find_cache(cache_dir: str | Path, split: str, names: Sequence[str]) -> DecodedCache | None:
+def find_cache(cache_dir: str | Path, split: str, names: Sequence[str], required: bool = False) -> DecodedCache | None:
     """The prepared cache of ``split`` if it exists and holds exactly the images ``names`` (``city_seq_frame``),
-    in that order; else None."""
+    in that order; else None, or with ``required`` (a --cache-dir the user named) an error."""
     directory = Path(cache_dir) / split
     if not (directory / INDEX).is_file():
+        if required:
+            raise DataError(f"--cache-dir {cache_dir}: holds no decoded cache of split {split} ({directory / INDEX} "
+                            f"is missing); run `python -m cityseg.prepare --split {split} --cache-dir {cache_dir}`, "
+                            f"or pass --cache-dir none to read the PNGs.")
         return None
     cache = DecodedCache(directory)
     if cache.names != list(names):

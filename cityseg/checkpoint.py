@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +29,9 @@ class CheckpointError(UserError):
 def save(state: dict[str, Any], path: str | Path) -> None:
     """Write ``state`` to ``path`` atomically: a temp file in the same directory, fsync, then rename.
 
-    A failure (disk full, no permission) leaves the previous file at ``path`` untouched.
+    A failure (disk full, no permission, quota) removes the temp file and leaves the previous file at ``path``
+    untouched; it is one :class:`CheckpointError` line, also when torch's zip writer reports a full disk as an
+    ``enforce fail ... unexpected pos`` RuntimeError instead of the OSError underneath.
     """
     path = Path(path)
     tmp = ""
@@ -39,12 +42,29 @@ def save(state: dict[str, Any], path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        reason = write_failure(e, path.parent)  # before the temp file's space is freed
         if tmp:
             Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(f"{path}: could not write the checkpoint ({e.strerror or e}); free space or fix "
-                              f"permissions in {path.parent}. The previous checkpoint there is intact.") from e
+        raise CheckpointError(f"{path}: could not write the checkpoint ({reason}); free "
+                              f"space or fix permissions in {path.parent}, then run the same command. The previous "
+                              f"checkpoint there is intact.") from None
     _fsync_dir(path.parent)
+
+
+def write_failure(e: BaseException, directory: Path) -> str:
+    """What made a write into ``directory`` fail, in a few words: the OS's reason, or a full disk that a
+    library's own error hides."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = -1
+    if 0 <= free < 1 << 20:
+        return f"No space left on device: {free / 2**20:.1f} MiB free"
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(e).__name__
 
 
 def save_periodic(state: dict[str, Any], out_dir: str | Path, keep: int) -> Path:
@@ -163,6 +183,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+#: What a checkpoint must hold to continue a run (cityseg's train.py writes all of it).
+TRAINING_STATE = ("config", "optimizer", "scheduler", "scaler", "iteration", "epoch", "step_in_epoch",
+                  "global_batch", "world_size", "log_window", "best_miou", "rng")
+
+
+def check_resumable(state: dict[str, Any], path: Path) -> None:
+    """A file in the run directory that holds weights but not the training state cannot be resumed from."""
+    missing = [k for k in TRAINING_STATE if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path}: holds model weights but not the training state a resume needs (no "
+            f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); it was not written by cityseg's "
+            f"train.py, or by another version. Move it out of {path.parent} to start a fresh run there, or start "
+            f"from its weights in another directory with --init-from {path}.", collective=True)
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -43,9 +44,10 @@ def bad(name: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"{flag(name)}: got {value!r}; {allowed}", field=name)
 
 
-def option(default: Any, help: str, choices: Sequence[str] | None = None, check: Check | None = None) -> Any:
-    """A dataclass field carrying its --help text, allowed values and check."""
-    return field(default=default, metadata={"help": help, "choices": choices, "check": check})
+def option(default: Any, help: str, choices: Sequence[str] | None = None, check: Check | None = None,
+           path: bool = False) -> Any:
+    """A dataclass field carrying its --help text, allowed values and check; ``path`` fields get ``~`` expanded."""
+    return field(default=default, metadata={"help": help, "choices": choices, "check": check, "path": path})
 
 
 # -- checks ----------------------------------------------------------------------------------------------
@@ -111,11 +113,13 @@ class TrainConfig:
 
     # data
     data_root: str = option("", "Cityscapes root (holding leftImg8bit/ and gtFine/, or the *_trainvaltest "
-                                "wrappers); required.")
+                                "wrappers); required.", path=True)
     train_split: str = option("train", "Split to train on.", check=split_name)
     val_split: str = option("val", "Split evaluated every --eval-every iterations.", check=split_name)
-    cache_dir: str = option("", "Decoded memory-mapped cache from `python -m cityseg.prepare`, used for the "
-                                "splits it holds; empty = DATA_ROOT/cityseg_cache, none = always read PNGs.")
+    cache_dir: str = option("", "Decoded memory-mapped cache from `python -m cityseg.prepare`: empty = "
+                                "DATA_ROOT/cityseg_cache when it holds the training split, else PNGs; a directory "
+                                "= that cache, which must hold the training split; none = always read PNGs.",
+                            path=True)
     crop_size: str = option("512x1024", f"Training crop as HxW, each side at least {MIN_SIDE}; sides that are not "
                                         f"multiples of {MIN_SIDE} are padded inside the U-Net and cropped back.",
                             check=hw(MIN_SIDE))
@@ -172,7 +176,8 @@ class TrainConfig:
                       ("auto", "bf16", "fp16", "off"))
     # run
     out_dir: str = option("runs/cityseg", "Run directory: checkpoints, logs, config; an existing last.pt is "
-                                          "resumed. One run at a time owns it (OUT/run.lock).", check=nonempty)
+                                          "resumed. One run at a time owns it (OUT/run.lock).", check=nonempty,
+                          path=True)
     seed: int = option(0, "Seed of sample order, augmentation and initialisation.", check=integer(0, 2**32 - 1))
     device: str = option("auto", "Device type; auto = cuda when available.", ("auto", "cuda", "cpu"))
     eval_every: int = option(4000, "Evaluate on --val-split every N iterations (0 = only at the end).",
@@ -219,13 +224,14 @@ class EvalConfig:
 
     REQUIRED = {"checkpoint": "runs/unet/best.pt"}
 
-    checkpoint: str = option("", "Checkpoint to evaluate (a last.pt or best.pt written by train.py); required.")
+    checkpoint: str = option("", "Checkpoint to evaluate (a last.pt or best.pt written by train.py); required.",
+                             path=True)
     data_root: str = option("", "Cityscapes root (holding leftImg8bit/ and gtFine/, or the *_trainvaltest "
-                                "wrappers).")
+                                "wrappers).", path=True)
     split: str = option("val", "Split to evaluate; test has no public labels, so it is export-only.",
                         check=split_name)
     out_dir: str = option("", "Where metrics.json and pictures go; empty = the checkpoint's directory (the file "
-                              "names never collide with a training run's).")
+                              "names never collide with a training run's).", path=True)
     workers: int = option(4, "DataLoader worker processes per process.", check=integer(0))
     device: str = option("auto", "Device type; auto = cuda when available.", ("auto", "cuda", "cpu"))
     amp: str = option("auto", "Mixed precision; auto = bf16 on GPUs with bf16 units (compute capability 8.0+), "
@@ -243,12 +249,14 @@ class EvalConfig:
     scales: str = option("1.0", "Comma-separated image scales in (0, 4] whose predictions are averaged, e.g. "
                                 "0.75,1.0,1.25,1.5,1.75.",
                          check=lambda v: None if scale_list(v) else "must be numbers in (0, 4] separated by commas")
-    export_dir: str = option("", "Write one labelId PNG per image here, in the official Cityscapes format.")
+    export_dir: str = option("", "Write one labelId PNG per image here, in the official Cityscapes format.",
+                             path=True)
     official: bool = option(False, "Also run cityscapesscripts' evalPixelLevelSemanticLabeling on the exported "
                                    "predictions (into --export-dir, or OUT/predictions) and report both.")
     num_pictures: int = option(4, "Write image|ground truth|prediction|errors panels for the first N images.",
                                check=integer(0))
-    images: str = option("", "Predict these images instead (a directory or a glob) and write colour overlays.")
+    images: str = option("", "Predict these images instead (a directory, or a glob where ** spans folders) and "
+                             "write colour overlays under OUT/overlays, keeping their relative paths.", path=True)
     wandb: str = option("off", "Log metrics and pictures to Weights & Biases.", ("off", "auto", "online", "offline"))
     wandb_project: str = option("cityseg", "W&B project.", check=nonempty)
     wandb_entity: str = option("", "W&B entity (team or user); empty uses your default.")
@@ -296,6 +304,15 @@ def validate(cfg: Any) -> None:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
             setattr(cfg, f.name, value)
+        if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value.strip())
+                setattr(cfg, f.name, value)
+            except ValueError:
+                pass
+        if f.metadata.get("path") and isinstance(value, str) and value.startswith("~"):
+            value = os.path.expanduser(value)
+            setattr(cfg, f.name, value)
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
             raise bad(f.name, value, f"must be {words}")
         choices, check = f.metadata.get("choices"), f.metadata.get("check")
@@ -315,12 +332,26 @@ def load_yaml(path: str | Path, cls: type = TrainConfig) -> dict[str, Any]:
         raise ConfigError(f"--config: got {str(path)!r}, no such file; pass a YAML recipe such as "
                           f"cityseg/configs/demo.yaml")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(_recipe_text(path)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of field: value at the top level")
     return check_keys(data, cls, str(path))
+
+
+def _recipe_text(path: Path) -> str:
+    """A recipe's text, which must be UTF-8 (a byte-order mark is fine); anything else is one line."""
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"--config {path}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as "
+                          f"UTF-8.")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}, as Latin-1 "
+                          f"or Windows-1252 editors write accented letters); save it as UTF-8.") from None
 
 
 def check_keys(data: dict[str, Any], cls: type, source: str) -> dict[str, Any]:
@@ -333,7 +364,7 @@ def check_keys(data: dict[str, Any], cls: type, source: str) -> dict[str, Any]:
     return data
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are :class:`ConfigError` lines (``--flag: what is wrong``), not usage dumps."""
 
     def error(self, message: str):  # type: ignore[override]
@@ -354,7 +385,7 @@ def _convert(kind: type, words: str) -> Callable[[str], Any]:
 
 def build_parser(cls: type = TrainConfig, description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one ``--flag`` per field of ``cls``; unset flags are absent from the result."""
-    parser = _Parser(description=description or cls.__doc__, allow_abbrev=False,
+    parser = OneLineParser(description=description or cls.__doc__, allow_abbrev=False,
                      usage="%(prog)s [--config YAML] [--flag VALUE ...] (all flags: --help)",
                      argument_default=argparse.SUPPRESS, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", metavar="YAML", help="Recipe whose values replace the defaults; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import numpy as np
 import pyspng
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data._utils import signal_handling
 
 from .cache import default_cache_dir, find_cache
 from .errors import DataError
@@ -97,20 +99,27 @@ def _decode(path: Path, channels: int) -> np.ndarray:
     """Decode ``path`` to uint8 RGB (``channels=3``) or to the file's own single channel (``channels=1``).
 
     PNGs already in that form (every Cityscapes file) are decoded by libspng, about a fifth faster than
-    OpenCV's libpng on one core; anything else (JPEG, grey or alpha images, 16-bit) goes through OpenCV.
-    """
+    OpenCV's libpng on one core; anything else (JPEG, grey or alpha images, 16-bit) goes through OpenCV. Every
+    failure, of either library and of any kind (an empty file included), is one :class:`DataError` naming
+    the file."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror}).") from e
+    if not data:
+        raise DataError(f"{path}: empty file (0 bytes), as an interrupted copy or a full disk leaves; re-extract "
+                        f"or re-download it.")
     if data.startswith(PNG_SIGNATURE):
         try:
             img = pyspng.load(data)
-        except RuntimeError:
-            img = None  # OpenCV has the last word on whether the file is readable
+        except Exception:  # libspng's errors have several types; OpenCV has the last word below
+            img = None
         if img is not None and img.dtype == np.uint8 and img.shape[2:] == ((3,) if channels == 3 else ()):
             return img
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_UNCHANGED)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        img = None
     if img is None:
         raise DataError(f"{path}: not a readable image (truncated or corrupt); re-extract or re-download it.")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if channels == 3 else img
@@ -155,7 +164,13 @@ class CityscapesDataset(Dataset):
         self.labels = labels
         self.cache = None
         if labels and str(cache_dir) != "none":
-            self.cache = find_cache(cache_dir or default_cache_dir(root), split, [s.name for s in self.samples])
+            self.cache = find_cache(cache_dir or default_cache_dir(root), split, [s.name for s in self.samples],
+                                    required=bool(cache_dir))
+
+    def describe(self) -> str:
+        """Where the pixels come from, for the log."""
+        where = f"the decoded cache {self.cache.dir}" if self.cache is not None else "PNG files"
+        return f"split {self.split}: {len(self)} images, read from {where}"
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -277,9 +292,32 @@ PREFETCH = 4
 def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: int, pin: bool,
                 drop_last: bool = False) -> DataLoader:
     """A DataLoader with the settings every cityseg loader shares."""
+    # PyTorch's SIGCHLD handler raises a dead worker's error from wherever the main thread happens to be, say
+    # halfway through an optimizer step. Without it the loader itself reports the death (within 5 s) where
+    # the trainer fetches batches, which can then stop every rank at a completed step (worker_death).
+    signal_handling._SIGCHLD_handler_set = True
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin, drop_last=drop_last, worker_init_fn=_worker_init,
                       persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers > 0 else None)
+
+
+def worker_death(error: RuntimeError, loader: DataLoader) -> str:
+    """One line for a DataLoader worker that died, with the signal that killed it ("" for another error)."""
+    text = str(error)
+    if "DataLoader worker" not in text:
+        return ""
+    found = re.search(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)", text)
+    pids = {int(p) for p in re.findall(r"\d+", found.group(1))} if found else set()
+    iterator = getattr(loader, "_iterator", None)
+    codes = {w.pid: w.exitcode for w in getattr(iterator, "_workers", []) if w.pid in pids}
+    pid = min(pids) if pids else "?"
+    code = codes.get(pid)
+    if code is not None and code < 0:
+        sig = signal.Signals(-code)
+        cause = {signal.SIGKILL: ", most likely by the kernel's out-of-memory killer",
+                 signal.SIGBUS: ", most likely for want of shared memory (/dev/shm)"}.get(sig, "")
+        return f"a DataLoader worker (pid {pid}) was killed by {sig.name}{cause}"
+    return f"a DataLoader worker (pid {pid}) died (exit status {code})"
 
 
 def image_size(path: Path) -> tuple[int, int]:

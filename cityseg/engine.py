@@ -18,7 +18,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint as ckpt
 from . import distributed as du
 from .config import TrainConfig, save_yaml
-from .data import CityscapesDataset, TrainSampler, check_shared_memory, image_size, make_loader, shutdown
+from .data import (CityscapesDataset, TrainSampler, check_shared_memory, image_size, make_loader, shutdown,
+                   worker_death)
 from .errors import DataError, UserError, one_line
 from .evaluation import Predictor, evaluate, make_pictures, val_loader
 from .labels import IGNORE_INDEX
@@ -30,6 +31,12 @@ from .runlock import own_directory
 from .signals import DATA_ERROR, StopFlag, name
 from .syncbn import convert_sync_batchnorm
 from .transforms import TrainTransform, to_input, to_target
+
+
+#: What to do after each kind of failure that stops the ranks together (the end of their one line).
+FIX_FILE = "fix or remove that file (with its image or label)"
+FREE_SPACE = "free space or fix permissions there"
+FEWER_WORKERS = "lower --workers or --batch-size, or give the job more memory,"
 
 
 class NonFiniteLossError(UserError):
@@ -126,7 +133,10 @@ class Trainer:
         self.loader = make_loader(train_set, self.sampler, cfg.batch_size, cfg.workers, pin, drop_last=True)
         self.val, self.val_set = val_loader(cfg.data_root, cfg.val_split, ctx, min(cfg.workers, 2),
                                             cfg.max_val_images)
-        val_hw = image_size(self.val_set.samples[0].image)
+        try:
+            val_hw = image_size(self.val_set.samples[0].image)
+        except DataError:  # reported where it is loaded, with a checkpoint; assume Cityscapes' size here
+            val_hw = (1024, 2048)
         check_shared_memory([(cfg.workers, cfg.batch_size * cfg.crop_hw[0] * cfg.crop_hw[1] * 4),
                              (min(cfg.workers, 2), val_hw[0] * val_hw[1] * 4)], du.local_world_size())
         self.model, self.ddp = build_model_for(cfg, ctx)
@@ -137,6 +147,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
         self.iteration, self.epoch, self.step_in_epoch = 0, 0, 0
         self.best_miou, self.wandb_id, self.stopped_by = -1.0, None, 0
+        self._failure: tuple[str, str] | tuple[()] = ()  # (what failed, what to do) on this rank
         self.window = _Window(ctx.device)
         self.log = RunLogger(self.out, ctx.is_main)
 
@@ -177,13 +188,20 @@ class Trainer:
         if state["global_batch"] == self.sampler.global_batch and len(window) == self.ctx.world_size:
             self.step_in_epoch = int(state["step_in_epoch"])
             self.window.sums.copy_(window[self.ctx.rank])
-        else:  # another global batch: continue the epoch at the first global batch not yet fully seen
-            seen = int(state["step_in_epoch"]) * int(state["global_batch"])
-            self.step_in_epoch = seen // self.sampler.global_batch
+        else:  # another process count: the loss sums of the window go to rank 0
             self.window.sums.copy_(window.sum(0) if self.ctx.is_main else torch.zeros_like(window[0]))
-            self.log.info(f"global batch changed from {state['global_batch']} ({state['world_size']} processes) "
-                          f"to {self.sampler.global_batch}; continuing epoch {self.epoch} at sample "
-                          f"{self.step_in_epoch * self.sampler.global_batch} of its order")
+            before = f"{state['world_size']} process{'es' if state['world_size'] != 1 else ''}"
+            now = f"{self.ctx.world_size} process{'es' if self.ctx.world_size != 1 else ''}"
+            if state["global_batch"] == self.sampler.global_batch:
+                self.step_in_epoch = int(state["step_in_epoch"])
+                self.log.info(f"{before} before, {now} now, global batch {self.sampler.global_batch} as before; "
+                              f"epoch {self.epoch} continues at step {self.step_in_epoch} of its order")
+            else:  # continue the epoch at the first global batch not yet fully seen
+                seen = int(state["step_in_epoch"]) * int(state["global_batch"])
+                self.step_in_epoch = seen // self.sampler.global_batch
+                self.log.info(f"global batch changed from {state['global_batch']} ({before}) to "
+                              f"{self.sampler.global_batch} ({now}); continuing epoch {self.epoch} at sample "
+                              f"{self.step_in_epoch * self.sampler.global_batch} of its order")
         if self.step_in_epoch >= self.sampler.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.window.step.fill_(self.iteration)
@@ -204,6 +222,7 @@ class Trainer:
         if found is None:
             return
         state = ckpt.load(found)
+        ckpt.check_resumable(state, Path(found))
         ckpt.check_compatible(state["config"], self.cfg.to_dict(), Path(found))
         changed = {k: v for k, v in self.cfg.to_dict().items() if state["config"].get(k) != v}
         if changed:
@@ -214,19 +233,25 @@ class Trainer:
 
     def save_periodic(self) -> None:
         """Rank 0 writes ``ckpt_<it>.pt`` and points ``last.pt`` at it; every rank waits for it."""
-        self._check_finite(weights=True)
-        state = self.state_dict()
-        if self.ctx.is_main:
-            ckpt.save_periodic(state, self.out, self.cfg.keep_ckpts)
-        du.barrier()
+        self._save(lambda state: ckpt.save_periodic(state, self.out, self.cfg.keep_ckpts))
 
     def save_best(self) -> None:
         """Rank 0 writes ``best.pt``; every rank waits for it."""
+        self._save(lambda state: ckpt.save(state, self.out / ckpt.BEST))
+
+    def _save(self, write: Any) -> None:
+        """Rank 0 writes the state; a failure (a full disk) stops every rank with rank 0's one line."""
         self._check_finite(weights=True)
         state = self.state_dict()
+        error = ""
         if self.ctx.is_main:
-            ckpt.save(state, self.out / ckpt.BEST)
-        du.barrier()
+            try:
+                write(state)
+            except ckpt.CheckpointError as e:
+                error = str(e)
+        failed = [m for m in du.all_gather_object(error, self.ctx.control_group) if m]  # also the barrier
+        if failed:
+            raise ckpt.CheckpointError(str(failed[0]), collective=True)
 
     # -- loop ------------------------------------------------------------------------------------------
     def train_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -283,25 +308,36 @@ class Trainer:
     def _fetch(self) -> None:
         """Load the batches of one more step ahead (the loop keeps two), unless that is past ``max_iters``.
 
-        A sample that cannot be loaded (a corrupt file) fails this rank's stop flag instead of raising: the
-        ranks agree on it at the end of the next step, which every rank has the batches for, and stop there
-        together, with a checkpoint."""
-        if self._load_error or self.iteration + len(self._ahead) >= self.cfg.max_iters:
+        A sample that cannot be loaded (a corrupt file), or a DataLoader worker that died (the OOM killer),
+        fails this rank's stop flag instead of raising: the ranks agree on it at the end of the next step,
+        which every rank has the batches for, and stop there together, with a checkpoint."""
+        if self._failure or self.iteration + len(self._ahead) >= self.cfg.max_iters:
             return
         try:
             self._ahead.append(next(self._stream))
         except UserError as e:
-            self._load_error = one_line(e)
+            self._fail(one_line(e), FIX_FILE)
+        except RuntimeError as e:
+            death = worker_death(e, self.loader)
+            if not death:
+                raise
+            self._fail(death, FEWER_WORKERS)
+
+    def _fail(self, message: str, advice: str) -> None:
+        """This rank cannot go on: remember why (and what to do), and tell the other ranks through the stop
+        flag."""
+        if not self._failure:
+            self._failure = (message, advice)
             self.stop.fail()
 
     def fit(self) -> dict[str, Any]:
         """Train to ``max_iters`` (or until a stop signal), evaluating and checkpointing on the way."""
         self._start_logging()
-        self._stream, self._ahead, self._load_error = self.steps(), collections.deque(), ""
+        self._stream, self._ahead, self._failure = self.steps(), collections.deque(), ()
         self._fetch()
         self._fetch()
         if self.stop.agree_now() == DATA_ERROR:  # before the first step: nothing new to save
-            raise self._data_error(saved=False)
+            raise self._stop_error(saved=False)
         warm_graphs = None
         while self.iteration < self.cfg.max_iters and not self.stopped_by:
             micro, (self.epoch, self.step_in_epoch) = self._ahead.popleft()
@@ -315,23 +351,22 @@ class Trainer:
         self._stream.close()
         self.stop.drain()
         if self.stopped_by == DATA_ERROR:
-            raise self._data_error(saved=True)
+            raise self._stop_error(saved=True)
         if warm_graphs is not None:
             graphs = compiled_graphs()
             self.log.info(f"torch.compile: {graphs} graphs compiled, {graphs - warm_graphs} of them after the "
                           f"first step (recompilations)")
         return self._finish()
 
-    def _data_error(self, saved: bool) -> DataError:
-        """The error of the rank that could not load a sample, for every rank to raise together."""
-        message = next(m for m in du.all_gather_object(self._load_error, self.ctx.control_group) if m)
-        return DataError(self._resume_note(message, saved), collective=True)
+    def _stop_error(self, saved: bool) -> DataError:
+        """The failure of the first rank that had one, for every rank to raise together."""
+        message, advice = next(f for f in du.all_gather_object(self._failure, self.ctx.control_group) if f)
+        return DataError(self._resume_note(message, advice, saved), collective=True)
 
-    def _resume_note(self, message: str, saved: bool) -> str:
+    def _resume_note(self, message: str, advice: str, saved: bool) -> str:
         where = (f"saved {self.out / ckpt.LAST} at iteration {self.iteration}" if saved
                  else f"no step was trained since iteration {self.iteration}")
-        return (f"{message.rstrip('.')}. Training stopped and {where}; fix or remove that file (with its "
-                f"image or label) and run the same command to resume.")
+        return f"{message.rstrip('.')}. Training stopped and {where}; {advice} and run the same command to resume."
 
     def _after_step(self) -> None:
         cfg, it = self.cfg, self.iteration
@@ -340,6 +375,8 @@ class Trainer:
             self._log_train()
         if (cfg.eval_every and it % cfg.eval_every == 0) or last:
             self._evaluate()
+        if self.log.write_error:  # rank 0's log or pictures could not be written (a full disk)
+            self._fail(self.log.write_error, FREE_SPACE)
         self.stopped_by = self.stop.poll()
         if (cfg.ckpt_every and it % cfg.ckpt_every == 0) or last or self.stopped_by:
             self.save_periodic()
@@ -379,9 +416,10 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             cm = evaluate(self.predictor, self.val)
-        except DataError as e:  # raised on every rank together: a val file failed to load
+        except DataError as e:  # raised on every rank together: a val file failed to load, or a worker died
             self.save_periodic()
-            raise DataError(self._resume_note(one_line(e), saved=True), collective=True) from None
+            advice = FEWER_WORKERS if "DataLoader worker" in str(e) else FIX_FILE
+            raise DataError(self._resume_note(one_line(e), advice, saved=True), collective=True) from None
         result = cm.compute()
         miou = result["miou"] if result["miou"] is not None else 0.0
         is_best = miou > self.best_miou
@@ -395,21 +433,32 @@ class Trainer:
         if self.ctx.is_main and self.cfg.num_pictures:
             count = min(self.cfg.num_pictures, self.cfg.max_val_images or self.cfg.num_pictures)
             pictures = make_pictures(self.predictor, self.val_set, result, cm.mat.cpu().numpy(), count)
-            pictures.save(self.out / "pictures" / f"iter_{self.iteration:08d}")
+            try:
+                pictures.save(self.out / "pictures" / f"iter_{self.iteration:08d}")
+            except OSError as e:
+                self.log.failed(str(e))
             self.log.log_pictures(self.iteration, "val", pictures)
         if is_best:
             self.save_best()
 
     def _start_logging(self) -> None:
         cfg = self.cfg
+        error = ""
         if self.ctx.is_main:
-            save_yaml(cfg, self.out / "config.yaml")
+            try:
+                save_yaml(cfg, self.out / "config.yaml")
+            except OSError as e:
+                error = f"{self.out / 'config.yaml'}: could not write ({e.strerror or e}); {FREE_SPACE}."
         mode = resolve_wandb_mode(cfg.wandb)
-        self.wandb_id = self.log.start_wandb(mode, cfg.to_dict(), self.wandb_id, cfg.wandb_project,
-                                             cfg.wandb_entity, cfg.run_name or self.out.name)
-        self.wandb_id = du.broadcast_object(self.wandb_id)
+        if not error:
+            self.wandb_id = self.log.start_wandb(mode, cfg.to_dict(), self.wandb_id, cfg.wandb_project,
+                                                 cfg.wandb_entity, cfg.run_name or self.out.name)
+        self.wandb_id, error = du.broadcast_object((self.wandb_id, error))
+        if error:
+            raise UserError(error, collective=True)
         placement = du.placement(self.ctx)
         self.log.info("placement: " + "; ".join(placement))
+        self.log.info("training data: " + self.loader.dataset.describe())
         self.log.open_bar(cfg.max_iters, self.iteration)
         self.log.info(f"training {cfg.max_iters} iterations on {self.ctx.world_size} x {self.ctx.device.type} "
                       f"(global batch {self.sampler.global_batch * cfg.accum_steps}, "

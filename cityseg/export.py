@@ -8,10 +8,10 @@ import contextlib
 from pathlib import Path
 from typing import Any, Sequence
 
-import cv2
 import numpy as np
 
 from .labels import TRAIN_TO_ID
+from .visualize import write_png
 
 SUFFIX = "_leftImg8bit.png"
 
@@ -24,8 +24,7 @@ def prediction_path(export_dir: str | Path, sample_name: str) -> Path:
 def write_prediction(export_dir: str | Path, sample_name: str, train_ids: np.ndarray) -> Path:
     """Write one prediction as a single-channel labelId PNG (trainIds mapped back to Cityscapes ids)."""
     path = prediction_path(export_dir, sample_name)
-    if not cv2.imwrite(str(path), TRAIN_TO_ID[train_ids]):
-        raise OSError(f"{path}: could not write the prediction; check free space and permissions.")
+    write_png(path, TRAIN_TO_ID[train_ids])
     return path
 
 

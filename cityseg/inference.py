@@ -57,6 +57,15 @@ def _logits(model: nn.Module, x: torch.Tensor, mode: InferenceMode, num_classes:
     return model(x).float()
 
 
+def rescale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` resized by ``scale`` (bilinear), at least one pixel on each side (a tiny image at scale 0.5)."""
+    h, w = x.shape[-2:]
+    if int(h * scale) >= 1 and int(w * scale) >= 1:
+        return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=(max(1, int(h * scale)), max(1, int(w * scale))), mode="bilinear",
+                         align_corners=False)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, mode: InferenceMode, num_classes: int) -> torch.Tensor:
     """Scores (N, C, H, W) at the input's size: logits, or with TTA the mean of the variants' softmax."""
@@ -65,7 +74,7 @@ def predict(model: nn.Module, x: torch.Tensor, mode: InferenceMode, num_classes:
     h, w = x.shape[-2:]
     total = None
     for scale in mode.scales:
-        xs = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+        xs = x if scale == 1.0 else rescale(x, scale)
         for flip in ((False, True) if mode.flip else (False,)):
             out = _logits(model, xs.flip(-1) if flip else xs, mode, num_classes)
             out = out.flip(-1) if flip else out

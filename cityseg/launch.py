@@ -20,9 +20,9 @@ from typing import Any, Sequence
 
 import submitit
 
-from .config import EvalConfig, parse_config
+from .config import EvalConfig, OneLineParser, parse_config
 from .errors import UserError
-from .evaluation import run_evaluation
+from .eval_job import run_evaluation
 from .pending import refuse_if_stuck
 
 SCRIPTS = ("train", "evaluate")
@@ -61,29 +61,42 @@ class Job(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(Job(self.script, self.argv, self.workdir))
 
 
+def at_least(low: int) -> Any:
+    """An argparse type: an integer >= ``low`` (a bad value is one line naming the flag)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"got {text!r}; must be an integer >= {low}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The cluster options of slurm/submit.py; what follows ``--`` goes to train.py or evaluate.py."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="slurm/submit.py", description="Submit cityseg training or evaluation to SLURM with submitit.",
         usage="%(prog)s [cluster options] -- [train.py or evaluate.py options]",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--script", choices=SCRIPTS, default="train", help="Which entry point the job runs.")
-    p.add_argument("--nodes", type=int, default=1, help="Nodes.")
-    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (0 for CPU jobs).")
-    p.add_argument("--tasks-per-node", type=int, default=None, help="Tasks per node (default: one per GPU).")
-    p.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per task (for DataLoader workers).")
+    p.add_argument("--nodes", type=at_least(1), default=1, help="Nodes.")
+    p.add_argument("--gpus-per-node", type=at_least(0), default=0, help="GPUs per node (0 for CPU jobs).")
+    p.add_argument("--tasks-per-node", type=at_least(1), default=None, help="Tasks per node (default: one per GPU).")
+    p.add_argument("--cpus-per-task", type=at_least(1), default=8, help="CPU cores per task (for DataLoader workers).")
     p.add_argument("--mem", default=None, help="Memory per node, e.g. 256G (SLURM --mem).")
     p.add_argument("--partition", default=None, help="SLURM partition.")
     p.add_argument("--account", default=None, help="SLURM account.")
     p.add_argument("--qos", default=None, help="SLURM quality of service.")
     p.add_argument("--constraint", default=None, help="SLURM node constraint, e.g. a100.")
-    p.add_argument("--timeout-min", type=int, default=24 * 60, help="Time limit of one job in minutes; the job "
+    p.add_argument("--timeout-min", type=at_least(1), default=24 * 60, help="Time limit of one job in minutes; the job "
                    "gets USR2 2 minutes before, saves and requeues itself.")
     p.add_argument("--job-name", default="cityseg", help="SLURM job name.")
     p.add_argument("--folder", default="slurm_logs/%j", help="Where submitit writes logs and pickles "
                    "(%%j becomes the job id).")
-    p.add_argument("--max-requeues", type=int, default=10, help="How many times a timed-out job may requeue.")
-    p.add_argument("--signal-delay-s", type=int, default=120, help="Seconds before the time limit that USR2 comes.")
+    p.add_argument("--max-requeues", type=at_least(0), default=10, help="How many times a timed-out job may requeue.")
+    p.add_argument("--signal-delay-s", type=at_least(0), default=120, help="Seconds before the time limit that USR2 comes.")
     p.add_argument("--local", action="store_true", help="Run through submitit's local executor (no SLURM).")
     p.add_argument("--wait", action="store_true", help="Block until the job ends and print its result.")
     p.add_argument("--dry-run", action="store_true", help="Print the sbatch script instead of submitting.")

@@ -47,6 +47,8 @@ class RunLogger:
         self.out_dir = Path(out_dir)
         self.wandb_run = None
         self.bar = None
+        #: The first write that failed (a full disk), as one line; the trainer stops the ranks on it.
+        self.write_error = ""
         self.interactive = enabled and sys.stderr.isatty()
         if not enabled:
             return
@@ -67,7 +69,22 @@ class RunLogger:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         (self.bar.write if self.bar else print)(message, file=sys.stderr if self.bar else sys.stdout)
         sys.stdout.flush()
-        self.text.write(f"{stamp} {message}\n")
+        self._write(self.text, f"{stamp} {message}\n")
+
+    def _write(self, file: Any, text: str) -> None:
+        """Append to one of the run's files; a failure is remembered (:attr:`write_error`), not raised, so
+        that the ranks can stop together at a completed step."""
+        if self.write_error and file.name in self.write_error:
+            return  # that file already failed: a cut record is enough
+        try:
+            file.write(text)
+        except OSError as e:
+            self.failed(f"{file.name}: could not write ({e.strerror or e})")
+
+    def failed(self, message: str) -> None:
+        """Record a write of the run that failed (the first one counts)."""
+        if not self.write_error:
+            self.write_error = message
 
     def start_wandb(self, mode: str, config: dict[str, Any], run_id: str | None, project: str,
                     entity: str, name: str, job_type: str = "train") -> str | None:
@@ -87,7 +104,7 @@ class RunLogger:
         """Write one record to ``metrics.jsonl`` and W&B at ``step``."""
         if not self.enabled:
             return
-        self.metrics.write(json.dumps({"iteration": step, **values}) + "\n")
+        self._write(self.metrics, json.dumps({"iteration": step, **values}) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(values, step=step)
 
@@ -109,17 +126,28 @@ class RunLogger:
 
     def rewind(self, iteration: int) -> None:
         """Drop ``metrics.jsonl`` records after ``iteration`` (logged by a run that died before its next
-        checkpoint), so a resumed run's file reads as if it had never stopped."""
+        checkpoint), so a resumed run's file reads as if it had never stopped. A record cut short (a write that
+        failed on a full disk) is dropped too, and said so: a log never blocks a resume."""
         if not self.enabled:
             return
         path = self.metrics_path
         self.metrics.close()
-        kept = [line for line in path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
+        kept, cut = [], 0
+        for line in path.read_text(errors="replace").splitlines(keepends=True):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except ValueError:
+                cut += 1
+                continue
+            if isinstance(record, dict) and record.get("iteration", 0) <= iteration:
+                kept.append(line if line.endswith("\n") else line + "\n")
         tmp = path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(kept))
         os.replace(tmp, path)
         self.metrics = open(path, "a", buffering=1)
+        if cut:
+            self.info(f"{path}: dropped {cut} record(s) cut short by a write that failed (the checkpoint is "
+                      f"complete; the steps after it are trained again)")
 
     def advance(self) -> None:
         """Move the progress bar one iteration (a host-side counter: no device sync)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,9 +24,26 @@ from .errors import DataError, report_user_errors
 def prepare(data_root: str | Path, split: str, cache_dir: str | Path | None = None) -> Path:
     """Decode every image and label of ``split`` once into ``cache_dir/split`` (written atomically)."""
     samples = list_samples(data_root, split)
-    target = Path(cache_dir or default_cache_dir(data_root)) / split
+    target = Path(cache_dir or default_cache_dir(data_root)).expanduser() / split
     tmp = target.with_name(f".{split}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        _write(samples, tmp)
+    except DataError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"--cache-dir {target.parent}: could not write the cache there ({e.strerror or e}); pass a "
+                        f"writable --cache-dir with room for 4 bytes a pixel.") from None
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def _write(samples: list, tmp: Path) -> None:
+    """Decode the samples into ``tmp``'s image and label files, and write its index last."""
     entries, offset = [], 0
     with open(tmp / IMAGES, "wb") as fi, open(tmp / LABELS, "wb") as fl:
         for s in samples:
@@ -37,13 +55,7 @@ def prepare(data_root: str | Path, split: str, cache_dir: str | Path | None = No
             h, w = label.shape
             entries.append({"name": s.name, "height": h, "width": w, "offset": offset})
             offset += h * w
-    (tmp / INDEX).write_text(json.dumps({"split": split, "images": entries}))
-    if target.exists():
-        for f in target.iterdir():
-            f.unlink()
-        target.rmdir()
-    os.replace(tmp, target)
-    return target
+    (tmp / INDEX).write_text(json.dumps({"split": tmp.name[1:-len(".tmp")], "images": entries}))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

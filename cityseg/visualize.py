@@ -43,10 +43,21 @@ def panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
 
 
 def write_rgb(path: str | Path, rgb: np.ndarray) -> None:
-    """Write an RGB array as PNG."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path}")
+    """Write an RGB array as PNG (encoded in memory, so a failed write is an OSError, not libpng's noise)."""
+    write_png(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def write_png(path: str | Path, array: np.ndarray) -> None:
+    """Write a BGR or single-channel uint8 array as PNG; a failed write raises OSError naming the file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, data = cv2.imencode(".png", array)
+    if not ok:
+        raise OSError(f"{path}: could not encode the image as PNG")
+    try:
+        path.write_bytes(data.tobytes())
+    except OSError as e:
+        raise OSError(f"{path}: could not write ({e.strerror or e})") from None
 
 
 def _figure_rgb(fig: Any) -> np.ndarray:

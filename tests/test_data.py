@@ -185,6 +185,12 @@ def _break_truncated(tree):
     return img.name, "truncated or corrupt"
 
 
+def _break_empty(tree):
+    img = _img(tree)
+    img.write_bytes(b"")  # what an interrupted copy or a full disk leaves
+    return img.name, "empty file (0 bytes)"
+
+
 def _break_size(tree):
     lab = _lab(tree)
     cv2.imwrite(str(lab), np.full((32, 64), 7, np.uint8))
@@ -219,7 +225,7 @@ def _break_layout(tree):
     return str(tree), "holds neither leftImg8bit/"
 
 
-BREAKS = [_break_missing_label, _break_missing_image, _break_truncated, _break_size, _break_ids, _break_train_ids,
+BREAKS = [_break_missing_label, _break_missing_image, _break_truncated, _break_empty, _break_size, _break_ids, _break_train_ids,
           _break_root, _break_layout]
 
 

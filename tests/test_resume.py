@@ -164,6 +164,8 @@ def test_resume_on_another_process_count(synthetic_root, tmp_path, monkeypatch):
     assert loaded == _permutation(1)[4:] + _permutation(2)[:4]
     resumed = ckpt.load(out / "last.pt")
     assert resumed["iteration"] == 5 and resumed["world_size"] == 1
+    assert ("2 processes before, 1 process now, global batch 4 as before; epoch 1 continues at step 1 of its order"
+            in (out / "train.log").read_text())
     for k, v in uninterrupted["model"].items():
         torch.testing.assert_close(resumed["model"][k], v, atol=2e-5, rtol=1e-4, msg=k)
     # Another global batch (3): epoch 1 continues at the first global batch of 3 not yet fully seen. 4 samples

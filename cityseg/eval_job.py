@@ -1,0 +1,237 @@
+"""The evaluate.py job: a checkpoint on a Cityscapes split (scores, official export, pictures, W&B), or on
+your own images (colour overlays). The loop it shares with training is :mod:`cityseg.evaluation`."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+from . import distributed as du
+from .config import ConfigError, EvalConfig, from_dict
+from .data import CityscapesDataset, check_shared_memory, image_size, read_image, shutdown
+from .errors import DataError, UserError
+from .evaluation import Pictures, Predictor, evaluate, make_pictures, val_loader
+from .export import official_scores, prediction_path, write_prediction
+from .inference import InferenceMode
+from .labels import colorize
+from .logger import RunLogger, resolve_wandb_mode
+from .metrics import format_table
+from .model import build_model, inference_weights
+from .precision import amp_dtype
+from .visualize import overlay, write_rgb
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+class OutputError(UserError):
+    """An output path of evaluate.py cannot be written; every rank finds the same."""
+
+    collective = True
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the U-Net a checkpoint describes and load its weights."""
+    state = ckpt.load(path)
+    if "config" not in state:
+        raise ckpt.CheckpointError(f"{path}: has no saved config; it was not written by cityseg's train.py.")
+    width = from_dict(state["config"]).width
+    model = build_model(width)  # without the auxiliary head of training, if it had one
+    try:
+        model.load_state_dict(inference_weights(state["model"]))
+    except RuntimeError as e:
+        raise ckpt.CheckpointError(f"{path}: weights do not fit a width-{width} U-Net ({e}).") from e
+    return model.to(device, memory_format=torch.channels_last).eval(), state  # as in training
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    """Write JSON via a temp file and rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: could not write ({e.strerror or e}); the scores are printed above.") from None
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """Make ``directory`` if needed and write a file into it, before the first image is evaluated."""
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(f"{what} {directory}: is a file, not a directory; pass a directory.")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".cityseg-write-check-"):
+            pass
+    except OSError as e:
+        raise OutputError(f"{what} {directory}: cannot write there ({e.strerror or e}); pass {what.split()[0]} "
+                          f"with a writable directory.") from None
+
+
+def run_evaluation(cfg: EvalConfig) -> dict[str, Any] | None:
+    """The evaluate.py job: shard the split over ranks, all-reduce once, report on rank 0."""
+    # cuDNN autotuning pays off when the images share one size (a Cityscapes split); --images may give many
+    torch.backends.cudnn.benchmark = not cfg.images
+    out = Path(cfg.out_dir or Path(cfg.checkpoint).parent)
+    out_flag = "--out-dir" if cfg.out_dir else "--out-dir (by default the checkpoint's directory)"
+    with du.session(cfg.device) as ctx:
+        model, state = load_model(cfg.checkpoint, ctx.device)
+        mode = InferenceMode(cfg.mode, cfg.window_hw, cfg.stride_hw, cfg.tta == "flip", cfg.scale_list())
+        predictor = Predictor(model, ctx.device, amp_dtype(cfg.amp, ctx.device), True, mode)
+        if cfg.images:
+            return predict_images(predictor, cfg.images, out / "overlays", ctx, out_flag)
+        return _evaluate_split(cfg, ctx, predictor, state, out, out_flag)
+
+
+def _evaluate_split(cfg: EvalConfig, ctx: du.DistContext, predictor: Predictor, state: dict[str, Any],
+                    out: Path, out_flag: str) -> dict[str, Any] | None:
+    test = cfg.split == "test"
+    export_dir = Path(cfg.export_dir) if cfg.export_dir else (out / "predictions" if cfg.official else None)
+    if test and export_dir is None:
+        raise ConfigError("the test split has no public labels, so nothing can be scored; pass --export-dir DIR "
+                          "to write predictions for the Cityscapes benchmark server.")
+    loader, dataset = val_loader(cfg.data_root, cfg.split, ctx, cfg.workers, cfg.max_images, labels=not test)
+    if not test:
+        check_writable(out, out_flag)
+    if export_dir is not None:
+        check_writable(export_dir, "--export-dir" if cfg.export_dir else f"{out_flag} (for predictions/)")
+    try:
+        hw = image_size(dataset.samples[0].image)
+    except DataError:
+        hw = (1024, 2048)  # the file is reported where it is loaded
+    check_shared_memory([(cfg.workers, hw[0] * hw[1] * 4)], du.local_world_size())
+    if cfg.mode == "slide":
+        _check_window(cfg, dataset)
+    on_batch = None
+    if export_dir is not None:
+        def on_batch(indices: list[int], labels: torch.Tensor, pred: torch.Tensor) -> None:
+            for i, p in zip(indices, pred.to(torch.uint8).cpu().numpy()):
+                try:
+                    write_prediction(export_dir, dataset.samples[i].name, p)
+                except OSError as e:  # every rank stops with it (evaluate gathers the failures)
+                    raise OutputError(f"{e}; free space there, or pass another --export-dir.") from None
+    try:
+        cm = evaluate(predictor, loader, on_batch)
+    finally:
+        shutdown(loader)
+    du.barrier()  # every rank's exports are on disk
+    if not ctx.is_main:
+        return None
+    evaluated = dataset.samples[: len(dataset) if not cfg.max_images else cfg.max_images]
+    if test:
+        print(f"{cfg.split}: wrote {len(evaluated)} predictions to {export_dir}; no metrics are computed "
+              f"(the test labels are not public: submit the files to the Cityscapes benchmark server).")
+        return {"exported": len(evaluated), "export_dir": str(export_dir)}
+    result = cm.compute()
+    result.update(split=cfg.split, checkpoint=str(cfg.checkpoint), iteration=state.get("iteration"),
+                  num_images=len(evaluated), mode=cfg.mode, tta=cfg.tta, scales=list(cfg.scale_list()))
+    if cfg.official:
+        result["official"] = official_scores([prediction_path(export_dir, s.name) for s in evaluated],
+                                             [s.label for s in evaluated])
+    _report(cfg, result, out, ctx, export_dir)  # the scores first: a failed write below must not hide them
+    write_json(result, out / "metrics.json")
+    pictures = make_pictures(predictor, dataset, result, cm.mat.cpu().numpy(), cfg.num_pictures)
+    try:
+        pictures.save(out / "pictures")
+    except OSError as e:
+        raise OutputError(f"{e}; the scores are printed above and in {out / 'metrics.json'}.") from None
+    _log_wandb(cfg, result, pictures, state, out)
+    return result
+
+
+def _check_window(cfg: EvalConfig, dataset: CityscapesDataset) -> None:
+    """A sliding window must fit the split's images (Cityscapes images all have one size; the first tells)."""
+    h, w = dataset.load(0)[0].shape[:2]
+    if cfg.window_hw[0] > h or cfg.window_hw[1] > w:
+        raise ConfigError(f"--window: got {cfg.window!r}, larger than the images of split {cfg.split} ({h}x{w}); "
+                          f"use at most {h}x{w}, or --mode whole", field="window")
+
+
+def _report(cfg: EvalConfig, result: dict[str, Any], out: Path, ctx: du.DistContext, export_dir: Path | None) -> None:
+    print(format_table(result))
+    if "official" in result:
+        off = result["official"]
+        diff = abs(off["miou"] - result["miou"]) if off["miou"] is not None and result["miou"] is not None else 0
+        print(f"official cityscapesscripts: class mIoU {_fmt(off['miou'])}, category mIoU "
+              f"{_fmt(off['category_miou'])} (ours {_fmt(result['miou'])}, difference {diff:.2e})")
+    if export_dir is not None:
+        print(f"predictions in the official format: {export_dir}")
+    print(f"{cfg.split}: mIoU {_fmt(result['miou'])} over {result['num_images']} images "
+          f"({ctx.world_size} process{'es' if ctx.world_size > 1 else ''}); writing {out / 'metrics.json'} "
+          f"and pictures in {out / 'pictures'}", flush=True)
+
+
+def _log_wandb(cfg: EvalConfig, result: dict[str, Any], pictures: Pictures, state: dict[str, Any],
+               out: Path) -> None:
+    mode = resolve_wandb_mode(cfg.wandb)
+    if mode == "off":
+        return
+    log = RunLogger(out, enabled=True, metrics_file="eval_metrics.jsonl", log_file="eval.log")  # not the run's
+    try:
+        log.start_wandb(mode, {**state["config"], "eval": {f.name: getattr(cfg, f.name) for f in fields(cfg)}},
+                        None, cfg.wandb_project, cfg.wandb_entity, f"eval-{Path(cfg.checkpoint).parent.name}",
+                        job_type="eval")
+        step = int(state.get("iteration") or 0)
+        log.log(step, {f"{cfg.split}/miou": result["miou"], f"{cfg.split}/pixel_acc": result["pixel_acc"]})
+        log.log_pictures(step, cfg.split, pictures)
+    finally:
+        log.close()
+
+
+def image_files(pattern: str) -> tuple[list[Path], Path]:
+    """The images ``--images`` names (a directory, or a glob where ``**`` spans folders), and the folder their
+    outputs' relative paths start from."""
+    path = Path(pattern).expanduser()
+    if path.is_dir():
+        files, base = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), path
+    else:
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                       if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        base = Path(os.path.commonpath([str(p.parent) for p in files])) if files else path.parent
+    if not files:
+        raise DataError(f"--images {pattern}: no .png/.jpg/.jpeg/.bmp images found; pass a directory or a glob.",
+                        collective=True)
+    return files, base
+
+
+def output_stems(files: list[Path], base: Path, out_dir: Path, pattern: str) -> list[Path]:
+    """``OUT/<path relative to base, without suffix>`` for each file; two inputs that would share outputs
+    (``x.png`` beside ``x.jpg``) are refused before anything is written."""
+    stems: dict[Path, Path] = {}
+    for f in files:
+        stem = out_dir / f.relative_to(base).with_suffix("")
+        if stem in stems:
+            raise DataError(f"--images {pattern}: {stems[stem]} and {f} would both be written as "
+                            f"{stem}_overlay.png; rename one of them, or predict them separately.", collective=True)
+        stems[stem] = f
+    return list(stems)
+
+
+def predict_images(predictor: Predictor, pattern: str, out_dir: Path, ctx: du.DistContext,
+                   out_flag: str = "--out-dir") -> dict[str, Any]:
+    """Predict arbitrary images (any size) and write ``<name>_overlay.png`` and ``<name>_pred.png`` under
+    ``out_dir``, keeping their paths relative to the folder the images come from."""
+    files, base = image_files(pattern)
+    stems = output_stems(files, base, out_dir, pattern)
+    check_writable(out_dir, out_flag)
+    for f, stem in list(zip(files, stems))[ctx.rank::ctx.world_size]:
+        image = read_image(f)
+        pred = predictor(torch.from_numpy(image)[None])[0].to(torch.uint8).cpu().numpy()
+        write_rgb(Path(f"{stem}_overlay.png"), overlay(image, pred))
+        write_rgb(Path(f"{stem}_pred.png"), colorize(pred))
+    du.barrier()
+    if ctx.is_main:
+        print(f"wrote colour overlays of {len(files)} images to {out_dir}")
+    return {"images": len(files), "out_dir": str(out_dir)}
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
