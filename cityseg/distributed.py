@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -160,10 +161,12 @@ def _rendezvous(rank: int, world: int) -> dist.Store:
     try:
         if rank != 0:  # wait for rank 0's store to listen, quietly (c10d logs every failed attempt)
             _wait_listening(addr, port, timeout.total_seconds())
-        # A client that reaches some other program listening on the port would wait for its handshake forever:
-        # the store is built in a thread, and given up on after the timeout.
-        return _within(timeout.total_seconds() + 2, dist.TCPStore, addr, port, world, is_master=rank == 0,
-                       timeout=timeout, wait_for_workers=False)
+        # A client that reaches some other program listening on the port may wait for its handshake forever:
+        # the store is built in a thread, and given up on after the timeout. c10d logs every retry to stderr;
+        # the one line below says what matters.
+        with _quiet_stderr():
+            return _within(timeout.total_seconds() + 2, dist.TCPStore, addr, port, world, is_master=rank == 0,
+                           timeout=timeout, wait_for_workers=False)
     except (RuntimeError, ValueError, OSError, TimeoutError) as e:
         if rank == 0:
             raise LaunchError(f"rank 0 on {socket.gethostname()} could not serve the rendezvous at {addr}:{port} "
@@ -175,6 +178,20 @@ def _rendezvous(rank: int, world: int) -> dist.Store:
                             f"that {addr} is reachable from this node.")
         error.hard_exit = isinstance(e, TimeoutError)  # a store thread may still wait inside c10d
         raise error from None
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send what native code writes to stderr (file descriptor 2) to nowhere, for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _wait_listening(addr: str, port: int, seconds: float) -> None:
@@ -241,8 +258,14 @@ def _check_addresses(store: dist.Store, rank: int, world: int) -> None:
     hosts, a host whose own name resolves to a loopback (or no) address could never be reached by the others,
     and every rank stops with the same line instead of waiting for a connection that cannot come."""
     host, addr = own_address()
-    store.set(f"cityseg/host/{rank}", f"{host} {addr}")
-    peers = [store.get(f"cityseg/host/{r}").decode().split(" ", 1) for r in range(world)]
+    try:  # the store's first use: some torch versions only find out here that the peer is no store
+        store.set(f"cityseg/host/{rank}", f"{host} {addr}")
+        peers = [store.get(f"cityseg/host/{r}").decode().split(" ", 1) for r in range(world)]
+    except RuntimeError as e:
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise LaunchError(f"rank {rank} on {host}: the rendezvous at {where} failed before all {world} ranks met "
+                          f"({_first_line(e)}); check that every rank started with the same MASTER_ADDR and "
+                          f"MASTER_PORT, and that the port belongs to rank 0's job.") from None
     if len({h for h, _ in peers}) < 2:
         return
     bad = sorted({(h, a) for h, a in peers if a == "unresolvable" or a.startswith("127.") or a == "::1"})
