@@ -8,13 +8,16 @@ Writes OUT/metrics.json (OUT = --out-dir, or the checkpoint's directory). Every 
 import os
 import sys
 
+try:  # Ctrl-C at any point, imports included: one line and status 130, not a traceback
+    from cityseg.config import EvalConfig, parse_config
+    from cityseg.errors import report_user_errors
+    from cityseg.eval_job import run_evaluation
+except KeyboardInterrupt:
+    sys.exit(130)
+
 
 def main(argv=None) -> None:
-    try:  # Ctrl-C at any point, imports included: one line and status 130, not a traceback
-        from cityseg.config import EvalConfig, parse_config
-        from cityseg.errors import report_user_errors
-        from cityseg.eval_job import run_evaluation
-
+    try:
         with report_user_errors():
             cfg = parse_config(argv, EvalConfig)
             run_evaluation(cfg)

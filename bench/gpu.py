@@ -85,7 +85,7 @@ def flops_per_crop(width: int) -> float:
     """Forward + backward FLOPs of the U-Net for one crop, counted by torch.utils.flop_counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cityseg.model import UNet
+    from cityseg.models.unet import UNet
 
     model = UNet(width=width).cuda()
     x = torch.randn(1, 3, *CROP, device="cuda")
@@ -192,7 +192,7 @@ def bench_eval(root: Path, width: int, workers: int = 8) -> dict[str, Any]:
     """Full-resolution whole-image bf16 evaluation over the val split, images/s including loading."""
     from cityseg import distributed as du
     from cityseg.evaluation import Predictor, evaluate, val_loader
-    from cityseg.model import UNet
+    from cityseg.models.unet import UNet
 
     ctx = du.init("cuda")
     torch.backends.cudnn.benchmark = True  # as evaluate.py sets it for whole-image evaluation

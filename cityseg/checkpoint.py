@@ -14,12 +14,11 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .models import model_options
 
 LAST = "last.pt"
 BEST = "best.pt"
 PERIODIC = re.compile(r"ckpt_(\d+)\.pt")
-#: Config fields that change what a checkpoint's tensors mean; resuming with another value is refused.
-SHAPE_FIELDS = ("width",)
 
 
 class CheckpointError(UserError):
@@ -202,14 +201,25 @@ def check_resumable(state: dict[str, Any], path: Path) -> None:
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Refuse to resume when a field that shapes the checkpoint's tensors differs."""
-    for name in SHAPE_FIELDS:
-        if name in saved and saved[name] != current[name]:
+    """Refuse to resume when a field that shapes the checkpoint's tensors differs: the model, the options its
+    registry entry names (``--width``, ``--decoder-channels``), and whether it has an auxiliary head."""
+    name = current["model"]
+    if saved.get("model", "unet") != name:  # checkpoints older than --model hold the classic U-Net
+        raise CheckpointError(f"{path} was trained with --model {saved.get('model', 'unet')} but this run asks for "
+                              f"{name}; use the same model, or a new --out-dir to start a fresh run.")
+    for field in model_options(name):
+        if field in saved and saved[field] != current[field]:
             raise CheckpointError(
-                f"{path} was trained with --{name.replace('_', '-')} {saved[name]} but this run asks for "
-                f"{current[name]}; use the same value, or a new --out-dir to start a fresh run.")
+                f"{path} was trained with --{field.replace('_', '-')} {saved[field]} but this run asks for "
+                f"{current[field]}; use the same value, or a new --out-dir to start a fresh run.")
     if (saved.get("aux_weight", 0) > 0) != (current["aux_weight"] > 0):  # the auxiliary head's weights
         raise CheckpointError(
             f"{path} was trained {'with' if saved.get('aux_weight', 0) > 0 else 'without'} an auxiliary head "
             f"(--aux-weight {saved.get('aux_weight', 0)}) but this run asks for --aux-weight "
             f"{current['aux_weight']}; keep it zero or non-zero as it was, or use a new --out-dir.")
+
+
+def has_checkpoint(out_dir: str | Path) -> bool:
+    """True when the run directory holds a checkpoint to resume from (readable or not: resume decides)."""
+    out = Path(out_dir)
+    return (out / LAST).is_file() or bool(periodic(out))

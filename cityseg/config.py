@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from .errors import UserError
+from .losses import LOSSES
+from .models import MODELS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MIN_SIDE = 16  # the U-Net pools four times; inputs of other sizes are padded to a multiple of 16
@@ -95,6 +97,14 @@ def hw(min_side: int) -> Check:
     return lambda v: None if parse_hw(v, min_side) else allowed
 
 
+def int_list(text: str, length: int) -> tuple[int, ...] | None:
+    """``"256,128,64"`` as positive integers; None unless there are ``length`` of them."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != length or not all(p.isdigit() and int(p) > 0 for p in parts):
+        return None
+    return tuple(int(p) for p in parts)
+
+
 def scale_list(text: str) -> tuple[float, ...] | None:
     """``"0.75,1.0,1.5"`` as floats; None unless each is a number in (0, 4]."""
     try:
@@ -139,13 +149,30 @@ class TrainConfig:
     workers: int = option(4, "DataLoader worker processes per training process (0 loads in the main process).",
                           check=integer(0))
     # model
-    width: int = option(64, "U-Net base width; 64 gives the classic 31M-parameter net.", check=integer(1))
+    model: str = option("unet", "Model, by name: unet (the classic U-Net, trained from scratch; --width) or "
+                                "unet_<encoder>, a U-Net decoder on an ImageNet-pretrained encoder (resnet18, "
+                                "resnet34, resnet50, resnet101, convnext_tiny, convnext_small; --encoder-weights, "
+                                "--decoder-channels).", tuple(MODELS))
+    width: int = option(64, "Base width of the classic U-Net (--model unet); 64 gives its 31M-parameter net.",
+                        check=integer(1))
+    decoder_channels: str = option("256,128,64,32,16", "Widths of the 5 decoder stages of the unet_<encoder> "
+                                                       "models, from stride 16 to full resolution.",
+                                   check=lambda v: None if int_list(v, 5) else "must be 5 positive integers "
+                                                                                 "separated by commas")
+    encoder_weights: str = option("imagenet", "Encoder weights of the unet_<encoder> models when a run starts: "
+                                              "imagenet (the official ImageNet file, fetched once into torch.hub's "
+                                              "cache, $TORCH_HOME, and hash-checked), none (random), or the path of "
+                                              "a torchvision .pth or timm .safetensors/.bin file.", check=nonempty,
+                                  path=True)
+    init_from: str = option("", "Start a new run from the model weights of this checkpoint (cityseg's, or a state "
+                                "dict of the same model); a run directory with a checkpoint resumes instead.",
+                            path=True)
     aux_weight: float = option(0.0, "Weight of the auxiliary head's cross-entropy (a 1x1 conv on the decoder's "
                                     "half-resolution stage, used in training only); 0 = no auxiliary head.",
                                check=number(0))
     # loss
     loss: str = option("ce", "Loss of the main head: ce (cross-entropy over the labelled pixels) or ohem "
-                             "(only the hard pixels, chosen over the global batch).", ("ce", "ohem"))
+                             "(only the hard pixels, chosen over the global batch).", tuple(LOSSES))
     ohem_thresh: float = option(0.7, "OHEM: keep the pixels whose probability for their true class is below this.",
                                 check=number(0, 1, low_open=True))
     ohem_min_kept: int = option(100_000, "OHEM: but keep at least this many pixels per image of the global batch "
@@ -166,6 +193,16 @@ class TrainConfig:
                            check=number(0))
     momentum: float = option(0.9, "SGD momentum (AdamW beta1).", check=number(0, 1, high_open=True))
     weight_decay: float = option(5e-4, "Weight decay.", check=number(0))
+    decay_norm_bias: bool = option(True, "Weight decay on 1-d parameters too (norm weights, biases, ConvNeXt's layer "
+                                         "scales); --no-decay-norm-bias exempts them, as ConvNeXt and most AdamW "
+                                         "recipes do.")
+    encoder_lr_mult: float = option(1.0, "Learning rate of the encoder's parameters relative to --lr (the "
+                                         "unet_<encoder> models; 0.1 is common for pretrained encoders).",
+                                    check=number(0))
+    ema_decay: float = option(0.0, "Keep an exponential moving average of the weights, this much of the old one "
+                                   "kept each step (e.g. 0.9999; 0 = off). It is evaluated during training, saved "
+                                   "in every checkpoint, and evaluate.py uses it.",
+                              check=number(0, 1, high_open=True))
     warmup_iters: int = option(1000, "Iterations of linear learning-rate warmup from lr * warmup_factor.",
                                check=integer(0))
     warmup_factor: float = option(0.1, "Learning-rate multiplier at iteration 0 of the warmup.",
@@ -217,6 +254,11 @@ class TrainConfig:
         """Plain dict of the config (what goes into checkpoints, config.yaml and W&B)."""
         return dataclasses.asdict(self)
 
+    @property
+    def encoder(self) -> str | None:
+        """The pretrained encoder of ``--model``, if it has one."""
+        return MODELS[self.model].encoder
+
 
 @dataclass
 class EvalConfig:
@@ -257,6 +299,9 @@ class EvalConfig:
                                check=integer(0))
     images: str = option("", "Predict these images instead (a directory, or a glob where ** spans folders) and "
                              "write colour overlays under OUT/overlays, keeping their relative paths.", path=True)
+    use_ema: str = option("auto", "Evaluate the checkpoint's moving average of the weights (--ema-decay): auto = "
+                                  "when it has one; yes (an error without one); no = the raw weights.",
+                          ("auto", "yes", "no"))
     wandb: str = option("off", "Log metrics and pictures to Weights & Biases.", ("off", "auto", "online", "offline"))
     wandb_project: str = option("cityseg", "W&B project.", check=nonempty)
     wandb_entity: str = option("", "W&B entity (team or user); empty uses your default.")

@@ -32,6 +32,8 @@ class DistContext:
     device: torch.device = torch.device("cpu")
     #: A gloo group for small host-side control messages (stop flags), kept off the GPU stream.
     control_group: Any = None
+    #: Where the ranks met (``MASTER_ADDR:MASTER_PORT``), for the log; empty when running alone.
+    rendezvous: str = ""
 
     @property
     def is_main(self) -> bool:
@@ -144,7 +146,9 @@ def init(device: str = "auto") -> DistContext:
                 raise LaunchError(f"rank {rank} on {socket.gethostname()} could not join the {backend} process "
                                   f"group of {world} ranks ({_first_line(e)}); {IFNAME_HINT}.") from None
         control = new_gloo_group()
-    return DistContext(rank=rank, local_rank=local_rank, world_size=world, device=dev, control_group=control)
+    meeting = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}" if world > 1 else ""
+    return DistContext(rank=rank, local_rank=local_rank, world_size=world, device=dev, control_group=control,
+                       rendezvous=meeting)
 
 
 def _rendezvous(rank: int, world: int) -> dist.Store:

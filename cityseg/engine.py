@@ -24,8 +24,11 @@ from .errors import DataError, UserError, one_line
 from .evaluation import Predictor, evaluate, make_pictures, val_loader
 from .labels import IGNORE_INDEX
 from .logger import RunLogger, resolve_wandb_mode
-from .losses import aux_ce_sum, ce_sum, ohem_sum
-from .model import build_model
+from .ema import EMA
+from .losses import LOSSES, aux_ce_sum
+from .models import model_from_config
+from .models.weights import WeightsError, check_weights, load_encoder_weights, read_weight_file, resolve_weights
+from .optim import build_optimizer, lr_factor
 from .precision import amp_dtype, autocast
 from .runlock import own_directory
 from .signals import DATA_ERROR, StopFlag, name
@@ -45,53 +48,44 @@ class NonFiniteLossError(UserError):
     collective = True
 
 
-def lr_factor(it: int, cfg: TrainConfig) -> float:
-    """Poly decay from 1 to ``min_lr / lr``, ``(1 - it/max_iters) ** poly_power`` of the way, times a linear
-    warmup from ``warmup_factor`` to 1 over the first ``warmup_iters``."""
-    floor = cfg.min_lr / cfg.lr
-    decay = floor + (1 - floor) * max(0.0, 1.0 - it / cfg.max_iters) ** cfg.poly_power
-    if it < cfg.warmup_iters:
-        alpha = it / cfg.warmup_iters
-        return decay * (cfg.warmup_factor * (1 - alpha) + alpha)
-    return decay
+#: A new run's starting weights besides the seeded initialisation: ("model", state) from --init-from, or
+#: ("encoder", state) from --encoder-weights.
+Start = tuple[str, dict[str, torch.Tensor]]
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """SGD with momentum (the reference recipe) or AdamW, fused where the device has fused kernels.
-
-    Fused optimizers also take the GradScaler's unscaling and inf check into their kernel; with any other
-    implementation ``GradScaler.step`` reads the inf flag back to the host (a GPU sync) every fp16 step."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    impl = {"fused": True} if fused_supported(device) else {"foreach": True}
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay,
-                                 **impl)
-    sgd = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **impl)
-    if impl.get("fused") and cfg.momentum:
-        # Fused SGD creates its momentum buffers with empty_like on the first step and fills them in its kernel,
-        # which returns early when the GradScaler found an inf: a skipped first fp16 step would leave garbage
-        # for every later step. Zeros give the first real step the same buffer (momentum * 0 + gradient).
-        for p in params:
-            sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    return sgd
-
-
-def fused_supported(device: torch.device) -> bool:
-    """Fused SGD and AdamW kernels exist for CUDA, and for the CPU from torch 2.4 on."""
-    if device.type == "cuda":
-        return True
-    try:
-        torch.optim.SGD([torch.zeros(1, device=device, requires_grad=True)], lr=0.1, fused=True)
-    except (RuntimeError, ValueError, TypeError):
-        return False
-    return True
+def initial_weights(cfg: TrainConfig, ctx: du.DistContext) -> Start | None:
+    """The weights a new run starts from, read and checked on every rank before anything is written (a bad
+    file is one line); the local rank 0 of each node fetches an ImageNet file first. None when the run
+    directory has a checkpoint to resume, or nothing is asked for."""
+    if ckpt.has_checkpoint(cfg.out_dir) or not (cfg.init_from or (cfg.encoder and cfg.encoder_weights != "none")):
+        return None
+    if cfg.init_from:
+        state = read_weight_file(Path(cfg.init_from))
+        with torch.device("meta"):  # the keys and shapes the model has, without building its weights
+            expected = model_from_config(cfg.to_dict(), aux=cfg.aux_weight > 0).state_dict()
+        check_weights(state, expected, Path(cfg.init_from), f"--model {cfg.model}", optional=("aux_head.",))
+        return "model", state
+    error, path = "", None
+    if ctx.local_rank == 0:
+        try:
+            path = resolve_weights(cfg.encoder, cfg.encoder_weights)
+        except UserError as e:
+            error = str(e)
+    failed = [m for m in du.all_gather_object(error, ctx.control_group) if m]  # also: the others wait
+    if failed:
+        raise WeightsError(str(failed[0]))
+    path = path or resolve_weights(cfg.encoder, cfg.encoder_weights)
+    return "encoder", load_encoder_weights(path, cfg.encoder)
 
 
-def build_model_for(cfg: TrainConfig, ctx: du.DistContext) -> tuple[nn.Module, nn.Module]:
-    """The U-Net on the device, channels_last, and its DDP wrapper; synchronised BatchNorm when distributed,
-    and our CPU BatchNorm on every CPU run."""
+def build_model_for(cfg: TrainConfig, ctx: du.DistContext, start: Start | None = None) -> tuple[nn.Module, nn.Module]:
+    """The model of ``--model`` on the device, channels_last, started from ``start`` if given, and its DDP
+    wrapper; synchronised BatchNorm when distributed, and our CPU BatchNorm on every CPU run."""
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every run
-    model = build_model(cfg.width, aux=cfg.aux_weight > 0)
+    model = model_from_config(cfg.to_dict(), aux=cfg.aux_weight > 0)
+    if start is not None:
+        kind, state = start
+        (model.encoder if kind == "encoder" else model).load_state_dict(state, strict=kind == "encoder")
     if ctx.device.type == "cpu":
         # Our own BatchNorm on CPU, also alone: PyTorch's channels_last CPU kernel takes its statistics with
         # errors tens of times those of its NCHW one (tests/test_syncbn.py measures both), ours stays at NCHW's.
@@ -108,6 +102,7 @@ def build_model_for(cfg: TrainConfig, ctx: du.DistContext) -> tuple[nn.Module, n
         return model, model
     # Synchronised BatchNorm keeps the running statistics equal on every rank, so DDP need not broadcast them
     # before each forward (a collective per step). torch 2.13 renamed the switch and deprecated the old name.
+    # DDP does broadcast rank 0's weights at construction: every rank starts identical.
     no_buffer_sync = ({"forward_sync_buffers": False}
                       if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
                       else {"broadcast_buffers": False})
@@ -116,10 +111,19 @@ def build_model_for(cfg: TrainConfig, ctx: du.DistContext) -> tuple[nn.Module, n
     return model, ddp
 
 
+def build_ema(cfg: TrainConfig, model: nn.Module, device: torch.device) -> EMA | None:
+    """The moving average of ``--ema-decay`` (None when 0), on a plain copy of the model (no process group)."""
+    if not cfg.ema_decay:
+        return None
+    plain = model_from_config(cfg.to_dict(), aux=cfg.aux_weight > 0)
+    plain.load_state_dict(ckpt.model_state(model))
+    return EMA(plain.to(device, memory_format=torch.channels_last).eval(), cfg.ema_decay)
+
+
 class Trainer:
     """Owns the state of one run; ``fit()`` trains from wherever the state stands to ``max_iters``."""
 
-    def __init__(self, cfg: TrainConfig, ctx: du.DistContext, stop: StopFlag):
+    def __init__(self, cfg: TrainConfig, ctx: du.DistContext, stop: StopFlag, start: Start | None = None):
         self.cfg, self.ctx, self.stop = cfg, ctx, stop
         self.out = Path(cfg.out_dir)
         self.channels_last = True  # inputs in the model's memory format
@@ -139,9 +143,11 @@ class Trainer:
             val_hw = (1024, 2048)
         check_shared_memory([(cfg.workers, cfg.batch_size * cfg.crop_hw[0] * cfg.crop_hw[1] * 4),
                              (min(cfg.workers, 2), val_hw[0] * val_hw[1] * 4)], du.local_world_size())
-        self.model, self.ddp = build_model_for(cfg, ctx)
+        self.model, self.ddp = build_model_for(cfg, ctx, start)
         self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
-        self.predictor = Predictor(self.model, ctx.device, self.dtype, self.channels_last)
+        self.ema = build_ema(cfg, self.model, ctx.device)
+        evaluated = self.ema.module if self.ema is not None else self.model  # the weights evaluation uses
+        self.predictor = Predictor(evaluated, ctx.device, self.dtype, self.channels_last)
         self.optimizer = build_optimizer(cfg, self.model, ctx.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(it, cfg))
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
@@ -167,6 +173,7 @@ class Trainer:
             "log_window": du.all_gather_tensor(self.window.sums).cpu(),
             "best_miou": self.best_miou,
             "config": self.cfg.to_dict(),
+            "ema": self.ema.state() if self.ema is not None else None,
             "rng": ckpt.rng_state(),
             "wandb_id": self.wandb_id,
         }
@@ -183,6 +190,11 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.iteration, self.epoch = int(state["iteration"]), int(state["epoch"])
         self.best_miou, self.wandb_id = float(state["best_miou"]), state.get("wandb_id")
+        if self.ema is not None:
+            if state.get("ema"):
+                self.ema.load(state["ema"])
+            else:  # --ema-decay turned on now: the average starts from the resumed weights
+                self.log.info("the checkpoint has no moving average of the weights; it starts from these")
         ckpt.set_rng_state(state["rng"])
         window = state["log_window"].to(self.ctx.device)
         if state["global_batch"] == self.sampler.global_batch and len(window) == self.ctx.world_size:
@@ -275,6 +287,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.window.end_step()
 
     def loss_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -284,10 +298,7 @@ class Trainer:
         with autocast(self.ctx.device, self.dtype):
             out = self.forward(x, aux=True) if cfg.aux_weight > 0 else self.forward(x)
         logits, aux = out if cfg.aux_weight > 0 else (out, None)
-        if cfg.loss == "ohem":
-            total = ohem_sum(logits, y, cfg.ohem_thresh, cfg.ohem_min_kept)
-        else:
-            total = ce_sum(logits, y)
+        total = LOSSES[cfg.loss](logits, y, cfg)
         return total if aux is None else total + cfg.aux_weight * aux_ce_sum(aux, y, self.model.aux_stride)
 
     def steps(self) -> Iterator[tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[int, int]]]:
@@ -457,7 +468,8 @@ class Trainer:
         if error:
             raise UserError(error, collective=True)
         placement = du.placement(self.ctx)
-        self.log.info("placement: " + "; ".join(placement))
+        meeting = f" (rendezvous {self.ctx.rendezvous})" if self.ctx.rendezvous else ""
+        self.log.info(f"placement{meeting}: " + "; ".join(placement))
         self.log.info("training data: " + self.loader.dataset.describe())
         self.log.open_bar(cfg.max_iters, self.iteration)
         self.log.info(f"training {cfg.max_iters} iterations on {self.ctx.world_size} x {self.ctx.device.type} "
@@ -556,15 +568,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the training a config describes: set up distributed, own the run directory, resume, loop, tear
     down."""
     set_determinism(cfg.deterministic)
-    with du.session(cfg.device) as ctx, own_directory(cfg.out_dir, ctx):
-        stop = StopFlag(ctx.control_group).install()
-        trainer = Trainer(cfg, ctx, stop)
-        try:
-            trainer.resume()
-            with _explain_nondeterminism():
-                return trainer.fit()
-        finally:
-            shutdown(trainer.loader)
-            shutdown(trainer.val)
-            trainer.log.close()
-            stop.restore()
+    with du.session(cfg.device) as ctx:
+        start = initial_weights(cfg, ctx)  # a bad weight file stops here, before anything is written
+        with own_directory(cfg.out_dir, ctx):
+            return _train(cfg, ctx, start)
+
+
+def _train(cfg: TrainConfig, ctx: du.DistContext, start: Start | None) -> dict[str, Any]:
+    """Resume, loop and tear down, in a run directory this run owns."""
+    stop = StopFlag(ctx.control_group).install()
+    trainer = Trainer(cfg, ctx, stop, start)
+    try:
+        trainer.resume()
+        with _explain_nondeterminism():
+            return trainer.fit()
+    finally:
+        shutdown(trainer.loader)
+        shutdown(trainer.val)
+        trainer.log.close()
+        stop.restore()

@@ -25,7 +25,7 @@ from .inference import InferenceMode
 from .labels import colorize
 from .logger import RunLogger, resolve_wandb_mode
 from .metrics import format_table
-from .model import build_model, inference_weights
+from .models import inference_weights, model_from_config
 from .precision import amp_dtype
 from .visualize import overlay, write_rgb
 
@@ -38,17 +38,24 @@ class OutputError(UserError):
     collective = True
 
 
-def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the U-Net a checkpoint describes and load its weights."""
+def load_model(path: str | Path, device: torch.device, use_ema: str = "auto") -> tuple[nn.Module, dict[str, Any]]:
+    """The model a checkpoint describes (built by the registry, without the auxiliary head of training) with its
+    weights: the moving average when it has one (``use_ema`` auto or yes), else the raw ones."""
     state = ckpt.load(path)
     if "config" not in state:
         raise ckpt.CheckpointError(f"{path}: has no saved config; it was not written by cityseg's train.py.")
-    width = from_dict(state["config"]).width
-    model = build_model(width)  # without the auxiliary head of training, if it had one
+    ema = state.get("ema")
+    if use_ema == "yes" and not ema:
+        raise ckpt.CheckpointError(f"{path}: holds no moving average of the weights (it was trained without "
+                                   f"--ema-decay); pass --use-ema auto or no.", collective=True)
+    weights = ema["weights"] if ema and use_ema != "no" else state["model"]
     try:
-        model.load_state_dict(inference_weights(state["model"]))
-    except RuntimeError as e:
-        raise ckpt.CheckpointError(f"{path}: weights do not fit a width-{width} U-Net ({e}).") from e
+        model = model_from_config(state["config"])
+        model.load_state_dict(inference_weights(weights))
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise ckpt.CheckpointError(f"{path}: its weights do not fit the model its config names "
+                                   f"({str(e).splitlines()[0]}).") from None
+    state["evaluated"] = "ema" if weights is not state["model"] else "model"
     return model.to(device, memory_format=torch.channels_last).eval(), state  # as in training
 
 
@@ -83,7 +90,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any] | None:
     out = Path(cfg.out_dir or Path(cfg.checkpoint).parent)
     out_flag = "--out-dir" if cfg.out_dir else "--out-dir (by default the checkpoint's directory)"
     with du.session(cfg.device) as ctx:
-        model, state = load_model(cfg.checkpoint, ctx.device)
+        model, state = load_model(cfg.checkpoint, ctx.device, cfg.use_ema)
         mode = InferenceMode(cfg.mode, cfg.window_hw, cfg.stride_hw, cfg.tta == "flip", cfg.scale_list())
         predictor = Predictor(model, ctx.device, amp_dtype(cfg.amp, ctx.device), True, mode)
         if cfg.images:
@@ -132,7 +139,8 @@ def _evaluate_split(cfg: EvalConfig, ctx: du.DistContext, predictor: Predictor, 
         return {"exported": len(evaluated), "export_dir": str(export_dir)}
     result = cm.compute()
     result.update(split=cfg.split, checkpoint=str(cfg.checkpoint), iteration=state.get("iteration"),
-                  num_images=len(evaluated), mode=cfg.mode, tta=cfg.tta, scales=list(cfg.scale_list()))
+                  weights=state["evaluated"], num_images=len(evaluated), mode=cfg.mode, tta=cfg.tta,
+                  scales=list(cfg.scale_list()))
     if cfg.official:
         result["official"] = official_scores([prediction_path(export_dir, s.name) for s in evaluated],
                                              [s.label for s in evaluated])

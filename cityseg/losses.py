@@ -21,6 +21,7 @@ counts, all on the device, no host synchronisation.
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,19 @@ def ohem_sum(logits: torch.Tensor, target: torch.Tensor, thresh: float, min_kept
     loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
     keep = hard_pixels(loss.detach(), target != IGNORE_INDEX, thresh, min_kept * target.shape[0] * du.world_size())
     return (loss * keep).sum()
+
+
+def _ce_loss(logits: torch.Tensor, target: torch.Tensor, cfg: Any) -> torch.Tensor:
+    return ce_sum(logits, target)
+
+
+def _ohem_loss(logits: torch.Tensor, target: torch.Tensor, cfg: Any) -> torch.Tensor:
+    return ohem_sum(logits, target, cfg.ohem_thresh, cfg.ohem_min_kept)
+
+
+#: ``--loss`` by name: ``loss(logits, target, cfg)`` is the main head's loss summed over the micro-batch's pixels
+#: (``cfg`` carries the options a loss reads, such as ``ohem_thresh``). A new loss is one function and one line.
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]] = {"ce": _ce_loss, "ohem": _ohem_loss}
 
 
 @torch.no_grad()

@@ -168,15 +168,16 @@ def reference_scores(checkpoint: Path, root: Path, split: str = "val") -> dict:
     import numpy as np
     from cityscapesscripts.helpers.labels import labels
 
-    from cityseg.model import UNet
+    from cityseg.models import model_from_config
 
     lut = np.full(256, 255, np.int64)
     for lab in labels:
         if 0 <= lab.id < 256 and 0 <= lab.trainId < 19:
             lut[lab.id] = lab.trainId
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model = UNet(width=state["config"]["width"])
-    model.load_state_dict({k: v for k, v in state["model"].items() if not k.startswith("aux_head.")})
+    model = model_from_config(state["config"])  # the model the checkpoint names, from cityseg's registry
+    weights = state["ema"]["weights"] if state.get("ema") else state["model"]  # evaluate.py's default: the average
+    model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("aux_head.")})
     model = model.to(memory_format=torch.channels_last).eval()  # as evaluate.py runs it, for the same bits
     mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
     std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)

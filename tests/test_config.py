@@ -66,6 +66,9 @@ TRAIN_BAD = {
     "crop_size": ["512", "8x8", "0x64", "", "axb"], "scale_min": ["0", "-1", "nan", "x", "", "3"],
     "scale_max": ["0", "inf", "9"], "cat_max_ratio": ["0", "1.5", "-0.1", "x"], "photometric": ["strong", ""],
     "batch_size": ["0", "-1", "2.5", ""], "workers": ["-1", "x"], "width": ["0", "x"],
+    "model": ["resnet50", "unet_vit", ""], "decoder_channels": ["256,128", "0,1,2,3,4", "a,b,c,d,e", ""],
+    "encoder_weights": [""], "init_from": [], "decay_norm_bias": ["=3"], "encoder_lr_mult": ["-1", "nan"],
+    "ema_decay": ["1", "-0.1", "x"],
     "aux_weight": ["-1", "nan", ""], "loss": ["focal", ""], "ohem_thresh": ["0", "1.5", "x"],
     "ohem_min_kept": ["-1", "1.5"], "max_iters": ["0", "-5", "1e3"], "accum_steps": ["0", ""],
     "compile": ["=3"], "deterministic": ["=yes"], "optimizer": ["adam", ""], "lr": ["-1", "0", "nan", "inf", "abc", ""],
@@ -81,7 +84,8 @@ EVAL_BAD = {
     "device": ["tpu"], "amp": ["fp8"], "max_images": ["-1"], "mode": ["tile", ""],
     "window": ["8x8", "abc", ""], "stride": ["0x1", "1000x2000", ""], "tta": ["rot"],
     "scales": ["0", "-1,1", "a", "", "5", "1,,2"], "export_dir": [], "official": ["=3"],
-    "num_pictures": ["-1"], "images": [], "wandb": ["x"], "wandb_project": [""], "wandb_entity": [],
+    "num_pictures": ["-1"], "images": [], "use_ema": ["maybe", ""], "wandb": ["x"], "wandb_project": [""],
+    "wandb_entity": [],
 }
 # What each entry point needs besides the field under test.
 BASE = {"train": {"--data-root": "/data/cityscapes"},

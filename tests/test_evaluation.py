@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from cityseg.inference import InferenceMode, predict, window_starts
 from cityseg.labels import CLASS_NAMES, TRAIN_TO_ID
-from cityseg.model import UNet
+from cityseg.models.unet import UNet
 from cityseg.visualize import ERROR_RGB, error_map
 from conftest import TINY, assert_matches_reference, reference_scores, run_script
 from wandb_log import read_run

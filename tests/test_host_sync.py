@@ -56,7 +56,7 @@ class SyncRecorder(TorchDispatchMode):
 
 MAX_ITERS = 4
 RECIPES = {
-    "ce+aux+accum": dict(aux_weight=0.4, accum_steps=2),
+    "ce+aux+accum+ema": dict(aux_weight=0.4, accum_steps=2, ema_decay=0.9),
     "ohem+aux+accum+fp16": dict(loss="ohem", ohem_min_kept=3000, aux_weight=0.4, accum_steps=2, amp="fp16"),
 }
 

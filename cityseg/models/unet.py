@@ -1,12 +1,13 @@
-"""U-Net (Ronneberger et al., 2015) with BatchNorm, for inputs of any size."""
+"""The classic U-Net (Ronneberger et al., 2015) with BatchNorm, trained from scratch: model ``unet``."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .labels import NUM_CLASSES
+from ..labels import NUM_CLASSES
+from .common import pad_to_multiple
+from .registry import register_model
 
 
 class DoubleConv(nn.Sequential):
@@ -78,31 +79,7 @@ class UNet(nn.Module):
         return logits, self.aux_head(half)[..., :-(-h // s), :-(-w // s)]
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad the bottom and right of an NCHW batch to a multiple of ``multiple`` by reflection (zeros for inputs
-    smaller than the padding).
-
-    The same values as ``F.pad(mode="reflect")``, built from slices, flips and concatenations, whose backward
-    passes are plain copies: reflection padding's own CUDA backward adds with atomics, which ``--deterministic``
-    refuses."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if not (ph or pw):
-        return x
-    if min(h, w) <= max(ph, pw):
-        return F.pad(x, (0, pw, 0, ph))
-    if ph:
-        x = torch.cat([x, x[..., h - 1 - ph:h - 1, :].flip(-2)], dim=-2)
-    if pw:
-        x = torch.cat([x, x[..., w - 1 - pw:w - 1].flip(-1)], dim=-1)
-    return x
-
-
-def build_model(width: int, num_classes: int = NUM_CLASSES, aux: bool = False) -> UNet:
-    """The U-Net of a config (``aux``: with the auxiliary head, for training)."""
+@register_model("unet", options=("width",))
+def build_unet(num_classes: int, aux: bool, width: int = 64) -> UNet:
+    """The classic U-Net of base width ``width`` (64: the 31M-parameter net of the paper)."""
     return UNet(num_classes=num_classes, width=width, aux=aux)
-
-
-def inference_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A checkpoint's model weights without the auxiliary head, which inference does not use."""
-    return {k: v for k, v in state.items() if not k.startswith("aux_head.")}

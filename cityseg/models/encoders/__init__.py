@@ -1,0 +1,1 @@
+"""Pretrained encoders, each registered by its own module (``register_encoder``)."""

@@ -1,0 +1,179 @@
+"""Encoders and their weights: the features of torchvision's ResNets and timm's ConvNeXt (reference fixtures made
+with those libraries, tests/fixtures/encoders/), weight files in both formats, the ImageNet download with its
+hash check, and the files a user gets wrong."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cityseg.models import ENCODERS, create_encoder
+from cityseg.models.weights import WeightsError
+from conftest import REPO, TINY
+from encoder_recipe import recipe_state_dict
+
+FIXTURES = REPO / "tests" / "fixtures" / "encoders"
+
+
+def fixture(name: str) -> dict:
+    return torch.load(FIXTURES / f"{name}.pt", weights_only=True)
+
+
+def recipe_weights(name: str) -> dict[str, torch.Tensor]:
+    """The fixture's weights, made again from its recipe (classifier keys included, as the original files have)."""
+    fx = fixture(name)
+    return recipe_state_dict({k: tuple(s) for k, s in fx["keys"]}, fx["recipe_seed"])
+
+
+def mismatch(encoder: nn.Module, name: str) -> float:
+    """The largest difference between the encoder's features and the library's, relative to each map's scale
+    (inf when the shapes differ)."""
+    fx = fixture(name)
+    with torch.no_grad():
+        ours = encoder(fx["input"])
+    if [tuple(f.shape) for f in ours] != [tuple(f.shape) for f in fx["features"]]:
+        return float("inf")
+    return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(ours, fx["features"]))
+
+
+def loaded(name: str) -> nn.Module:
+    encoder = ENCODERS[name].build().eval()
+    encoder.load_state_dict(recipe_weights(name))
+    return encoder
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_key_names_and_shapes_are_the_libraries(name):
+    expected = {k: tuple(s) for k, s in fixture(name)["keys"]}  # torchvision's or timm's, classifier dropped
+    assert {k: tuple(v.shape) for k, v in ENCODERS[name].build().state_dict().items()} == expected
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "convnext_tiny"])
+def test_features_equal_torchvision_and_timm_given_the_same_weights(name):
+    # Tolerance 1e-5 of each map's largest value: the libraries' own results moved by 5e-7 with the thread count.
+    assert mismatch(loaded(name), name) < 1e-5
+    assert [m.shape[1] for m in fixture(name)["features"]] == list(ENCODERS[name].build().channels)
+
+
+def _stride_on_the_1x1_conv(encoder):
+    for layer in (encoder.layer2, encoder.layer3, encoder.layer4):
+        layer[0].conv1.stride, layer[0].conv2.stride = (2, 2), (1, 1)  # ResNet v1 instead of v1.5
+
+
+def _layer_scale_dropped(encoder):
+    for m in encoder.modules():
+        if hasattr(m, "gamma"):
+            m.gamma.data.fill_(1.0)
+
+
+def _running_stats_ignored(encoder):
+    for m in encoder.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()  # normalised with the batch's statistics
+
+
+@pytest.mark.parametrize("name, mutate", [("resnet50", _stride_on_the_1x1_conv), ("convnext_tiny", _layer_scale_dropped),
+                                          ("resnet18", _running_stats_ignored)],
+                         ids=["stride-on-1x1", "no-layer-scale", "batch-statistics"])
+def test_a_port_that_loads_every_key_but_computes_otherwise_is_caught(name, mutate):
+    encoder = loaded(name)
+    mutate(encoder)
+    assert mismatch(encoder, name) > 1e-2
+
+
+# -- weight files ----------------------------------------------------------------------------------------------
+def test_a_torchvision_pth_and_a_timm_safetensors_load_with_their_classifiers_dropped(tmp_path):
+    from safetensors.torch import save_file
+
+    pth = tmp_path / "resnet18.pth"
+    torch.save(recipe_weights("resnet18") | {"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}, pth)
+    assert mismatch(create_encoder("resnet18", weights=pth).eval(), "resnet18") < 1e-5
+    st = tmp_path / "model.safetensors"
+    timm_file = recipe_weights("convnext_tiny") | {"head.norm.weight": torch.ones(768), "head.norm.bias":
+                                                    torch.zeros(768), "head.fc.weight": torch.zeros(1000, 768),
+                                                    "head.fc.bias": torch.zeros(1000)}
+    save_file({k: v.contiguous() for k, v in timm_file.items()}, str(st))  # safetensors' own writer
+    assert mismatch(create_encoder("convnext_tiny", weights=st).eval(), "convnext_tiny") < 1e-5
+    bf16 = tmp_path / "bf16.safetensors"  # half-precision files load as fp32
+    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in timm_file.items()}, str(bf16))
+    assert mismatch(create_encoder("convnext_tiny", weights=bf16).eval(), "convnext_tiny") < 1e-2
+
+
+def test_imagenet_weights_are_fetched_once_and_hash_checked(tmp_path, monkeypatch):
+    from cityseg.models.registry import EncoderEntry, WeightsFile
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    source = tmp_path / "server" / "resnet18.pth"
+    source.parent.mkdir()
+    torch.save(recipe_weights("resnet18"), source)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    named = source.with_name(f"resnet18-{digest[:8]}.pth")  # torchvision's naming: the hash in the file name
+    source.rename(named)
+    entry = ENCODERS["resnet18"]
+    official = WeightsFile(url=named.as_uri(), sha256=digest[:8], top1=0.0, source="test")
+    monkeypatch.setitem(ENCODERS, "resnet18", EncoderEntry(entry.build, entry.classifier, official))
+    encoder = create_encoder("resnet18", weights="imagenet")  # a file:// URL stands in for the download
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / named.name
+    assert cached.is_file() and mismatch(encoder.eval(), "resnet18") < 1e-5
+    named.unlink()  # the second time the cache serves it
+    assert mismatch(create_encoder("resnet18", weights="imagenet").eval(), "resnet18") < 1e-5
+    cached.write_bytes(cached.read_bytes()[:-10] + b"0123456789")  # damaged in the cache
+    with pytest.raises(WeightsError, match=rf"{cached}: SHA-256 \w+\.\.\. is not the official file's "
+                                           rf"\({digest[:8]}\.\.\.\); it is damaged or another file. Delete it"):
+        create_encoder("resnet18", weights="imagenet")
+    cached.unlink()
+    bad = WeightsFile(url=(tmp_path / "server" / "other-0badc0de.pth").as_uri(), sha256="0badc0de", top1=0.0,
+                      source="test")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "server" / "other-0badc0de.pth")
+    monkeypatch.setitem(ENCODERS, "resnet18", EncoderEntry(entry.build, entry.classifier, bad))
+    with pytest.raises(WeightsError, match=r"could not fetch .*invalid hash value"):
+        create_encoder("resnet18", weights="imagenet")
+
+
+def test_wrong_weight_files_are_one_line_each(tmp_path):
+    other = tmp_path / "resnet50.pth"
+    torch.save(recipe_weights("resnet50"), other)
+    with pytest.raises(WeightsError) as e:
+        create_encoder("resnet18", weights=other)
+    assert str(e.value) == (f"{other}: not resnet18 weights (198 unexpected, first: layer1.0.bn3.bias; 23 of another "
+                            f"shape, first: layer1.0.conv1.weight (64, 64, 1, 1) instead of (64, 64, 3, 3)); pass a "
+                            f"file made for it.")
+    convnext = tmp_path / "convnext.pth"
+    torch.save(recipe_weights("convnext_tiny"), convnext)
+    with pytest.raises(WeightsError, match=r"not resnet18 weights \(120 keys missing, first: conv1\.weight; 178 "
+                                           r"unexpected, first: stages\.0\.blocks\.0\.conv_dw\.bias\)"):
+        create_encoder("resnet18", weights=convnext)
+    truncated = tmp_path / "cut.pth"
+    truncated.write_bytes(other.read_bytes()[:5000])
+    with pytest.raises(WeightsError, match=rf"{truncated}: not a readable weight file"):
+        create_encoder("resnet18", weights=truncated)
+    from safetensors.torch import save_file
+
+    st = tmp_path / "cut.safetensors"
+    save_file({k: v.contiguous() for k, v in recipe_weights("resnet18").items()}, str(st))
+    st.write_bytes(st.read_bytes()[:100_000])
+    with pytest.raises(WeightsError, match=rf"{st}: not a complete safetensors file \(truncated"):
+        create_encoder("resnet18", weights=st)
+    text = tmp_path / "notes.txt"
+    text.write_text("not weights")
+    with pytest.raises(WeightsError, match=rf"{text}: not a readable weight file"):
+        create_encoder("resnet18", weights=text)
+    with pytest.raises(WeightsError, match=r"--encoder-weights /no/such\.pth: no such file"):
+        create_encoder("resnet18", weights="/no/such.pth")
+
+
+def test_a_wrong_file_stops_train_py_before_anything_is_written(synthetic_root, tmp_path):
+    other = tmp_path / "resnet50.pth"
+    torch.save(recipe_weights("resnet50"), other)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "train.py", "--data-root", str(synthetic_root), "--out-dir", str(out),
+                           *TINY, "--model", "unet_resnet18", "--encoder-weights", str(other)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: {other}: not resnet18 weights (")
+    assert not out.exists()
