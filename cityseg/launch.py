@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import io
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 import submitit
 
 from .config import EvalConfig, OneLineParser, parse_config
-from .errors import UserError
+from .errors import UserError, one_line
 from .eval_job import run_evaluation
 from .pending import refuse_if_stuck
 
@@ -38,11 +39,16 @@ class Job(submitit.helpers.Checkpointable):
         os.chdir(self.workdir)  # relative paths mean what they meant where the job was submitted
         # GPUs are chosen by LOCAL_RANK (cityseg.distributed), so every task keeps seeing all of its node's.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        if self.script == "evaluate":
-            return run_evaluation(parse_config(self.argv, EvalConfig))
-        from .engine import train  # imported here so evaluation jobs do not pay for it
+        try:
+            if self.script == "evaluate":
+                return run_evaluation(parse_config(self.argv, EvalConfig))
+            from .engine import train  # imported here so evaluation jobs do not pay for it
 
-        result = train(parse_config(self.argv))
+            result = train(parse_config(self.argv))
+        except UserError as e:  # the line train.py prints, in the task's log; submitit records the failure
+            if not e.collective or os.environ.get("RANK", "0") == "0":
+                print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+            raise
         if result["stopped_by"]:
             self._hand_back(result["stopped_by"])
         return result
@@ -90,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account", default=None, help="SLURM account.")
     p.add_argument("--qos", default=None, help="SLURM quality of service.")
     p.add_argument("--constraint", default=None, help="SLURM node constraint, e.g. a100.")
+    p.add_argument("--nodelist", default=None, help="Run on these nodes (SLURM --nodelist), e.g. node[3-4].")
+    p.add_argument("--exclude", default=None, help="Never on these nodes (SLURM --exclude).")
     p.add_argument("--timeout-min", type=at_least(1), default=24 * 60, help="Time limit of one job in minutes; the job "
                    "gets USR2 2 minutes before, saves and requeues itself.")
     p.add_argument("--job-name", default="cityseg", help="SLURM job name.")
@@ -123,7 +131,8 @@ def executor_parameters(args: argparse.Namespace) -> dict[str, Any]:
              "constraint": args.constraint, "mem": args.mem}
     params.update({f"slurm_{k}": v for k, v in slurm.items() if v})
     params["slurm_signal_delay_s"] = args.signal_delay_s
-    params["slurm_additional_parameters"] = {"requeue": True}
+    params["slurm_additional_parameters"] = {"requeue": True, **{k: v for k, v in (("nodelist", args.nodelist),
+                                                                                  ("exclude", args.exclude)) if v}}
     return params
 
 
@@ -178,7 +187,9 @@ def submit(argv: Sequence[str] | None = None) -> int:
     try:
         result = job.results()[0]  # one result per task; rank 0's speaks for the job
     except Exception as e:  # submitit re-raises the job's failure with its remote traceback
-        print(f"error: job {job.job_id} failed ({type(e).__name__}); see its logs in {job.paths.folder}",
+        said = re.findall(r"^cityseg\.[\w.]+Error: (.+)$", str(e), re.M)  # a user error's line, if that was it
+        print(f"error: job {job.job_id} failed: {said[-1]}" if said else
+              f"error: job {job.job_id} failed ({type(e).__name__}); see its logs in {job.paths.folder}",
               file=sys.stderr)
         return 1
     print(f"job {job.job_id} finished: {result}")

@@ -40,6 +40,13 @@ from .errors import UserError
 LOCK_NAME = "run.lock"
 HEARTBEAT_S = 10.0
 STALE_S = 60.0
+#: For tests only: another staleness in seconds, so that a test need not wait a minute (documented as such).
+STALE_ENV = "CITYSEG_LOCK_STALE_S"
+
+
+def stale_seconds() -> float:
+    """How old another host's heartbeat must be before its lock is taken over: 60 s, or CITYSEG_LOCK_STALE_S."""
+    return float(os.environ.get(STALE_ENV, STALE_S))
 
 
 class RunLockError(UserError):
@@ -267,7 +274,7 @@ def own_directory(directory: str | Path, ctx: du.DistContext) -> Iterator[None]:
     if ctx.is_main:
         try:
             Path(directory).mkdir(parents=True, exist_ok=True)
-            lock = RunLock(directory)
+            lock = RunLock(directory, stale_s=stale_seconds())
             lock.acquire()
         except RunLockError as e:
             lock, error = None, str(e)

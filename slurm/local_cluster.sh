@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
-# Single-node SLURM cluster on this machine, built from Debian's packages.
+# A SLURM cluster on this machine, built from Debian's packages: one node (the machine itself), or N nodes, each
+# a Linux network + UTS namespace with its own host name and address on a bridge.
 #
-#   bash slurm/local_cluster.sh up      # install (if needed), configure, start, wait until idle
-#   bash slurm/local_cluster.sh status  # sinfo + daemon state; non-zero if not usable
-#   bash slurm/local_cluster.sh down    # stop slurmd + slurmctld (munged is left running)
+#   bash slurm/local_cluster.sh up [--nodes N]  # install (if needed), configure, start, wait until idle
+#   bash slurm/local_cluster.sh status          # daemons, and each node with its address and state
+#   bash slurm/local_cluster.sh exec NODE CMD.. # run a command on a node (its network, host name and files)
+#   bash slurm/local_cluster.sh down            # stop the daemons; remove namespaces, bridge and hosts entries
 #
-# Afterwards plain sbatch/squeue/scancel/sinfo/scontrol/srun work from any shell.
-# Idempotent and non-interactive (works with CI=true and no stdin). Needs root
-# for up/down (re-executes itself through `sudo -n` when not root). No systemd
-# needed: the daemons are started directly.
+# One node (the default): slurmctld and slurmd run on this host at 127.0.0.1, and sbatch/squeue/scancel/sinfo/
+# scontrol/srun work from any shell.
+# N nodes: slurmctld runs in namespace cityseg-ctl (host cityseg-ctl, 10.213.0.1), which holds a bridge; node K
+# is namespace cityseg-nodeK (host nodeK, 10.213.0.(10+K)) on it, with a slurmd of its own and its own spool,
+# log and pid files (/var/spool/slurmd/nodeK, /var/log/slurm/slurmd-nodeK.log, /run/slurm/slurmd-nodeK.pid).
+# Names resolve on every node (/etc/netns/<namespace>/hosts). The private addresses exist only inside these
+# namespaces and nothing is routed off the machine: this shell reaches slurmctld through a forwarder on
+# 127.0.0.1:6817 (socat), so sbatch, squeue, scancel, sinfo and scontrol work from any shell; what talks to
+# slurmd directly (srun, salloc, scancel of a job step) runs inside a job or on a node (`exec`); the range is
+# unreachable from this host (a route of type unreachable). `up` switches between 1 and N nodes.
+# Idempotent and non-interactive (works with CI=true and no stdin). Needs root for up/down/exec (re-executes
+# itself through `sudo -n` when not root). No systemd needed: the daemons are started directly.
 #
 # Environment overrides (all optional):
-#   SLURM_LOCAL_WAIT   seconds to wait for the node to become idle (default 60)
+#   SLURM_LOCAL_WAIT   seconds to wait for the nodes to become idle (default 60)
 #   SLURM_LOCAL_CLUSTER cluster name (default cityseg)
 set -euo pipefail
 
@@ -36,6 +46,14 @@ MUNGE_KEY=/etc/munge/munge.key
 MUNGE_LOG=/var/log/munge/munged.log
 
 NODE="$(hostname -s)"
+NODES=1                                 # up --nodes N
+MODE_FILE="$RUN_DIR/cityseg-nodes"      # the node count of a running cluster in namespaces
+NET=10.213.0                            # private, inside the namespaces only
+CTL_NS=cityseg-ctl
+CTL_HOST=cityseg-ctl
+PROXY_PID="$RUN_DIR/cityseg-proxy.pid"
+HOSTS_MARK="# cityseg local_cluster"
+node_ns() { echo "cityseg-node$1"; }
 
 log() { printf '[local_cluster] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -55,7 +73,7 @@ is_running() { [[ -n "$(daemon_pids "$1")" ]]; }
 
 # ---------------------------------------------------------------- install
 install_packages() {
-    local pkgs=(slurmctld slurmd slurm-client munge) missing=() p
+    local pkgs=(slurmctld slurmd slurm-client munge socat iproute2) missing=() p
     for p in "${pkgs[@]}"; do
         if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$'; then
             missing+=("$p")
@@ -327,12 +345,241 @@ wait_idle() {
     return 1
 }
 
+# ---------------------------------------------------------------- several nodes
+# Every node (and the controller) gets the same hosts file; this host reaches the controller at 127.0.0.1.
+render_hosts() {
+    echo "127.0.0.1 localhost"
+    echo "$NET.1 $CTL_HOST"
+    local i
+    for i in $(seq 1 "$1"); do echo "$NET.$((10 + i)) node$i"; done
+}
+
+setup_network() {  # N: the bridge in the controller's namespace, one veth and namespace per node
+    local n=$1 i ns
+    ip netns list | grep -qw "$CTL_NS" || ip netns add "$CTL_NS"
+    ip -n "$CTL_NS" link set lo up
+    ip -n "$CTL_NS" link show br0 >/dev/null 2>&1 || ip -n "$CTL_NS" link add br0 type bridge
+    ip -n "$CTL_NS" addr replace "$NET.1/24" dev br0
+    ip -n "$CTL_NS" link set br0 up
+    for i in $(seq 1 "$n"); do
+        ns=$(node_ns "$i")
+        ip netns list | grep -qw "$ns" || ip netns add "$ns"
+        if ! ip -n "$ns" link show eth0 >/dev/null 2>&1; then
+            ip link add "vnode$i" netns "$CTL_NS" type veth peer name eth0 netns "$ns"
+        fi
+        ip -n "$CTL_NS" link set "vnode$i" master br0 up
+        ip -n "$ns" link set lo up
+        ip -n "$ns" addr replace "$NET.$((10 + i))/24" dev eth0
+        ip -n "$ns" link set eth0 up
+    done
+    for ns in "$CTL_NS" $(for i in $(seq 1 "$n"); do node_ns "$i"; done); do
+        mkdir -p "/etc/netns/$ns"
+        render_hosts "$n" >"/etc/netns/$ns/hosts"
+    done
+    grep -q "$HOSTS_MARK" /etc/hosts || echo "127.0.0.1 $CTL_HOST $HOSTS_MARK" >>/etc/hosts
+    # This host has no address in the range; a client here that tries one (srun, or scancel signalling a step,
+    # talk to slurmd directly) must fail at once instead of sending it to the default gateway, off the machine.
+    ip route replace unreachable "$NET.0/24"
+}
+
+remove_network() {
+    local ns
+    for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^cityseg-' || true); do
+        ip netns del "$ns" 2>/dev/null || true  # the bridge and the veths go with the controller's namespace
+        rm -rf "/etc/netns/$ns"
+    done
+    ip route del unreachable "$NET.0/24" 2>/dev/null || true
+    if grep -q "$HOSTS_MARK" /etc/hosts; then
+        grep -v "$HOSTS_MARK" /etc/hosts >/etc/hosts.cityseg.tmp || true
+        cat /etc/hosts.cityseg.tmp >/etc/hosts  # in place: /etc/hosts may be a bind mount
+        rm -f /etc/hosts.cityseg.tmp
+    fi
+}
+
+render_conf_multi() {
+    local n=$1 mem real i cpus
+    cpus="$(machine_cpus)"
+    mem="$(free -m | awk '/^Mem:/ {print $2}')"
+    real=$(( mem > 2048 ? mem - 512 : mem * 9 / 10 ))
+    cat <<CONF
+# Generated by slurm/local_cluster.sh -- $n-node test cluster in network namespaces. Do not edit.
+ClusterName=$CLUSTER_NAME
+SlurmctldHost=$CTL_HOST
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=cred_expire=10
+MpiDefault=none
+MailProg=/bin/true
+
+SlurmctldPidFile=$CTLD_PID
+SlurmdPidFile=$RUN_DIR/slurmd-%n.pid
+SlurmctldLogFile=$CTLD_LOG
+SlurmdLogFile=$LOG_DIR/slurmd-%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+StateSaveLocation=$CTLD_SPOOL
+SlurmdSpoolDir=$SLURMD_SPOOL/%n
+
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=5
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SlurmdParameters=config_overrides
+
+ReturnToService=2
+JobRequeue=1
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+KillWait=30
+MinJobAge=300
+Waittime=0
+
+CONF
+    for i in $(seq 1 "$n"); do
+        echo "NodeName=node$i NodeAddr=$NET.$((10 + i)) CPUs=$cpus RealMemory=$real State=UNKNOWN"
+    done
+    echo "PartitionName=$PARTITION Nodes=node[1-$n] Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO"
+}
+
+stop_all_daemons() {  # every slurmd and slurmctld of either mode, and the forwarder
+    local pid
+    for pid in $(daemon_pids slurmd); do kill -TERM "$pid" 2>/dev/null || true; done
+    stop_daemon slurmctld "$CTLD_PID"
+    for _ in $(seq 1 100); do is_running slurmd || break; sleep 0.2; done
+    for pid in $(daemon_pids slurmd); do kill -KILL "$pid" 2>/dev/null || true; done
+    rm -f "$SLURMD_PID" "$RUN_DIR"/slurmd-*.pid
+    if [[ -s $PROXY_PID ]]; then kill "$(cat "$PROXY_PID")" 2>/dev/null || true; rm -f "$PROXY_PID"; fi
+}
+
+node_pid() { cat "$RUN_DIR/slurmd-$1.pid" 2>/dev/null || true; }
+
+# Start a daemon as host HOST in network namespace NS: a UTS namespace for its name and a mount namespace whose
+# /etc/hosts is the namespace's (mounts made later on this host still reach it: propagation slave). Unlike
+# `ip netns exec`, this keeps the host's /sys, where slurmd finds its cgroup file systems.
+run_as_host() {  # NS HOST COMMAND...
+    local ns=$1 host=$2
+    shift 2
+    nsenter --net="/run/netns/$ns" unshare --mount --uts --propagation slave \
+        sh -c "mount --bind /etc/netns/$ns/hosts /etc/hosts && hostname $host && exec \"\$@\"" sh "$@" </dev/null
+}
+
+start_multi() {
+    local n=$1 i pid
+    if ! is_running slurmctld; then
+        log "starting slurmctld in $CTL_NS"
+        run_as_host "$CTL_NS" "$CTL_HOST" /usr/sbin/slurmctld || { dump_logs; die "slurmctld failed to start"; }
+    fi
+    if ! { [[ -s $PROXY_PID ]] && kill -0 "$(cat "$PROXY_PID")" 2>/dev/null; }; then
+        printf '#!/bin/sh\nexec ip netns exec %s socat STDIO TCP:%s:6817\n' "$CTL_NS" "$NET.1" \
+            >"$RUN_DIR/cityseg-ctl-connect"
+        chmod 755 "$RUN_DIR/cityseg-ctl-connect"
+        setsid socat TCP-LISTEN:6817,bind=127.0.0.1,reuseaddr,fork EXEC:"$RUN_DIR/cityseg-ctl-connect" \
+            </dev/null >/dev/null 2>&1 &
+        echo $! >"$PROXY_PID"
+    fi
+    local ok=0
+    for _ in $(seq 1 60); do
+        if scontrol ping 2>/dev/null | grep -q 'is UP'; then ok=1; break; fi
+        sleep 0.5
+    done
+    [[ $ok -eq 1 ]] || { dump_logs; die "slurmctld is not responding"; }
+    for i in $(seq 1 "$n"); do
+        pid="$(node_pid "node$i")"
+        if [[ -z $pid ]] || ! kill -0 "$pid" 2>/dev/null; then
+            mkdir -p "$SLURMD_SPOOL/node$i"
+            log "starting slurmd of node$i in $(node_ns "$i")"
+            run_as_host "$(node_ns "$i")" "node$i" /usr/sbin/slurmd -N "node$i" \
+                || { dump_logs; die "slurmd of node$i failed to start"; }
+        fi
+    done
+}
+
+wait_idle_multi() {
+    local n=$1 deadline=$(( SECONDS + WAIT_S )) states="" node
+    while (( SECONDS < deadline )); do
+        states="$(sinfo -h -N -o '%N %T' 2>/dev/null | sort -u || true)"
+        if [[ $(grep -cE ' (idle|mixed|allocated|completing)$' <<<"$states" || true) -eq $n ]]; then return 0; fi
+        for node in $(grep -E ' (down|drain|fail)' <<<"$states" | awk '{print $1}' || true); do
+            scontrol update nodename="$node" state=resume 2>/dev/null || true
+        done
+        sleep 1
+    done
+    log "nodes not all idle after ${WAIT_S}s: ${states:-?}"
+    dump_logs
+    return 1
+}
+
+remove_extra_nodes() {  # namespaces of nodes beyond N, from a larger cluster before
+    local n=$1 ns i
+    for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^cityseg-node' || true); do
+        i=${ns#cityseg-node}
+        if (( i > n )); then ip netns del "$ns" 2>/dev/null || true; rm -rf "/etc/netns/$ns"; fi
+    done
+}
+
+cmd_up_multi() {
+    local n=$1 conf_tmp previous
+    previous="$(cat "$MODE_FILE" 2>/dev/null || echo 1)"
+    if [[ $previous != "$n" ]] && { is_running slurmctld || is_running slurmd; }; then
+        log "switching from $previous node(s) to $n"
+        stop_all_daemons
+        rm -rf "${CTLD_SPOOL:?}"/*  # the other cluster's nodes and jobs
+    fi
+    remove_extra_nodes "$n"
+    setup_network "$n"
+    mkdir -p "$CONF_DIR" "$LOG_DIR" "$RUN_DIR" "$CTLD_SPOOL" "$SLURMD_SPOOL"
+    conf_tmp="$(mktemp)"
+    render_conf_multi "$n" >"$conf_tmp"
+    if ! cmp -s "$conf_tmp" "$CONF"; then
+        install -m 644 "$conf_tmp" "$CONF"
+        if is_running slurmctld || is_running slurmd; then stop_all_daemons; fi
+    fi
+    rm -f "$conf_tmp"
+    echo "$n" >"$MODE_FILE"
+    start_multi "$n"
+    wait_idle_multi "$n" || die "cluster did not come up"
+}
+
 # ---------------------------------------------------------------- commands
+parse_nodes() {
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --nodes) NODES="${2:-}"; shift; shift || true ;;
+            --nodes=*) NODES="${1#--nodes=}"; shift ;;
+            *) die "unknown option $1 (usage: $0 up [--nodes N])" ;;
+        esac
+    done
+    [[ $NODES =~ ^[1-9][0-9]?$ ]] || die "--nodes: got '$NODES'; must be an integer from 1 to 99"
+}
+
 cmd_up() {
-    need_root up
-    local t0=$SECONDS
+    need_root up "$@"
+    parse_nodes "$@"
+    local t0=$SECONDS version
     install_packages
     start_munge
+    version="$(sinfo --version 2>/dev/null | awk '{print $2}')"
+    if (( NODES > 1 )); then
+        cmd_up_multi "$NODES"
+        echo "local SLURM cluster '$CLUSTER_NAME' up: slurm $version, $NODES nodes in network namespaces," \
+             "partition $PARTITION (default) [$(( SECONDS - t0 ))s]"
+        sinfo -N -h -o '  %N %o %T' 2>/dev/null | sort -u
+        return
+    fi
+    if [[ "$(cat "$MODE_FILE" 2>/dev/null || echo 1)" != 1 ]]; then
+        log "switching to one node"
+        stop_all_daemons
+        remove_network
+        rm -rf "${CTLD_SPOOL:?}"/*
+    fi
+    rm -f "$MODE_FILE"
     write_config
     if [[ $CONF_CHANGED == 1 ]] && { is_running slurmctld || is_running slurmd; }; then
         log "slurm.conf changed; restarting daemons"
@@ -341,20 +588,29 @@ cmd_up() {
     fi
     start_daemons
     wait_idle || die "cluster did not come up"
-    local version
-    version="$(sinfo --version 2>/dev/null | awk '{print $2}')"
     echo "local SLURM cluster '$CLUSTER_NAME' up: slurm $version, node $NODE ($(configured_cpus) CPUs), partition $PARTITION (default): $(node_state) [$(( SECONDS - t0 ))s]"
 }
 
 cmd_down() {
     need_root down
-    stop_daemon slurmd "$SLURMD_PID"
-    stop_daemon slurmctld "$CTLD_PID"
+    stop_all_daemons
+    remove_network
+    rm -f "$MODE_FILE"
     echo "local SLURM cluster stopped (munged left running)"
 }
 
+cmd_exec() {  # exec NODE CMD...: in the node's network, UTS and mount namespaces (its slurmd's)
+    need_root exec "$@"
+    local node=${1:-} pid
+    shift || true
+    [[ -n $node && $# -gt 0 ]] || die "usage: $0 exec NODE COMMAND..."
+    pid="$(node_pid "$node")"
+    if [[ -z $pid ]] || ! kill -0 "$pid" 2>/dev/null; then die "no running node '$node' (see: $0 status)"; fi
+    exec nsenter -t "$pid" -n -u -m -- "$@"
+}
+
 cmd_status() {
-    local rc=0 d
+    local rc=0 d node addr state total=0
     for d in munged slurmctld slurmd; do
         if is_running "$d"; then
             echo "$d: running (pid $(daemon_pids "$d" | tr '\n' ' ' | sed 's/ $//'))"
@@ -365,24 +621,28 @@ cmd_status() {
     done
     if ! is_running slurmctld; then
         echo "sinfo: skipped (slurmctld not running)"
-        rc=1
-    elif command -v sinfo >/dev/null 2>&1 && timeout 20 sinfo 2>/dev/null; then
-        local state
-        state="$(node_state || true)"
-        case "$state" in
-            idle|mixed|allocated|completing) echo "node $NODE: $state (usable)" ;;
-            *) echo "node $NODE: ${state:-unknown} (not usable)"; rc=1 ;;
-        esac
-    else
-        echo "sinfo: controller not reachable"
-        rc=1
+        return 1
     fi
+    if ! timeout 20 sinfo >/dev/null 2>&1; then
+        echo "sinfo: controller not reachable"
+        return 1
+    fi
+    while read -r node addr state; do
+        [[ -n $node ]] || continue
+        total=$(( total + 1 ))
+        case "$state" in
+            idle|mixed|allocated|completing) echo "node $node ($addr): $state (usable)" ;;
+            *) echo "node $node ($addr): ${state:-unknown} (not usable)"; rc=1 ;;
+        esac
+    done < <(sinfo -h -N -o '%N %o %T' 2>/dev/null | sort -u)
+    (( total > 0 )) || rc=1
     return "$rc"
 }
 
 case "${1:-}" in
-    up) cmd_up ;;
+    up) shift; cmd_up "$@" ;;
     down) cmd_down ;;
     status) cmd_status ;;
-    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+    exec) shift; cmd_exec "$@" ;;
+    *) echo "usage: $0 up [--nodes N]|status|exec NODE COMMAND...|down" >&2; exit 2 ;;
 esac

@@ -62,7 +62,7 @@ def test_two_task_training_job_completes(synthetic_root, tmp_path):
 
 
 def test_usr2_requeues_and_resumes_the_same_run(synthetic_root, tmp_path):
-    out, max_iters = tmp_path / "run", 600
+    out, max_iters = tmp_path / "run", 240
     proc = submit([*CPU_TASKS, "--folder", str(tmp_path / "logs" / "%j")],
                   _train_args(synthetic_root, out, "--max-iters", str(max_iters), "--ckpt-every", "100",
                               "--log-every", "5", "--wandb", "offline"))
