@@ -32,15 +32,19 @@ class Predictor:
     channels_last: bool = False
     mode: InferenceMode = InferenceMode()
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC images -> predicted trainIds (N, H, W) on the device (the model in eval mode)."""
+        return self.scores(images).argmax(1)
+
+    @torch.no_grad()
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC images -> class scores (N, C, H, W): logits, or with TTA the mean of the softmaxes."""
         was_training = self.model.training
         self.model.eval()  # running statistics, and no BatchNorm collectives: ranks may predict alone
         try:
             with autocast(self.device, self.dtype):
                 x = to_input(images, self.device, self.channels_last)
-                return predict(self.model, x, self.mode, NUM_CLASSES).argmax(1)
+                return predict(self.model, x, self.mode, NUM_CLASSES)
         finally:
             self.model.train(was_training)
 

@@ -79,3 +79,8 @@ def colorize(train_ids: np.ndarray) -> np.ndarray:
     lut = np.zeros((256, 3), dtype=np.uint8)
     lut[:NUM_CLASSES] = PALETTE
     return lut[train_ids]
+
+
+def to_label_ids(train_ids: np.ndarray) -> np.ndarray:
+    """trainIds (0-18; 255 or anything else -> 0, 'unlabeled') as Cityscapes labelIds, as the export writes them."""
+    return TRAIN_TO_ID[np.asarray(train_ids, dtype=np.uint8)]

@@ -70,6 +70,7 @@ def scores(mat: np.ndarray, names: tuple[str, ...] = CLASS_NAMES) -> dict[str, A
         "mean_acc": _nanmean(acc),
         "acc": {name: _num(v) for name, v in zip(names, acc)},
         "num_pixels": int(total),
+        "confusion": mat.astype(np.int64).tolist(),  # rows: ground truth, columns: prediction
     }
     if tuple(names) == CLASS_NAMES:
         cat_iou, _ = _iou(category_matrix(mat))

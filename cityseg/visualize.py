@@ -60,26 +60,28 @@ def write_png(path: str | Path, array: np.ndarray) -> None:
         raise OSError(f"{path}: could not write ({e.strerror or e})") from None
 
 
+def _figure(width: float, height: float) -> Any:
+    """A matplotlib figure on its own Agg canvas: pyplot's state and backend (a notebook's) are left alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def _figure_rgb(fig: Any) -> np.ndarray:
     fig.canvas.draw()
-    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return rgb
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
 def iou_bars(result: dict[str, Any]) -> np.ndarray:
     """Horizontal bar chart of per-class IoU (classes without ground truth or prediction are marked n/a)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(result["iou"])
     values = [v if v is not None else 0.0 for v in result["iou"].values()]
     colors = [tuple(c / 255 for c in rgb) for rgb in colorize(np.arange(NUM_CLASSES, dtype=np.uint8)[None])[0]]
-    fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
+    fig = _figure(6, 6)
+    ax = fig.subplots()
     ax.barh(range(len(names)), [100 * v for v in values], color=colors, edgecolor="black", linewidth=0.5)
     ax.set_yticks(range(len(names)), [n if result["iou"][n] is not None else f"{n} (n/a)" for n in names])
     ax.invert_yaxis()
@@ -93,14 +95,10 @@ def iou_bars(result: dict[str, Any]) -> np.ndarray:
 
 def confusion_heatmap(mat: np.ndarray, names: tuple[str, ...] = CLASS_NAMES) -> np.ndarray:
     """Row-normalised confusion matrix (rows: ground truth, columns: prediction) with class names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = mat.sum(axis=1, keepdims=True).astype(np.float64)
     norm = np.divide(mat, rows, out=np.zeros_like(mat, dtype=np.float64), where=rows > 0)
-    fig, ax = plt.subplots(figsize=(8, 7), dpi=100)
+    fig = _figure(8, 7)
+    ax = fig.subplots()
     im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)

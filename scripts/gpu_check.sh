@@ -43,7 +43,7 @@ from pathlib import Path
 
 text = Path("pyproject.toml").read_text()
 listed = re.findall(r'"([^"]+)"', re.search(r"^dependencies = \[(.*?)\]", text, re.S | re.M).group(1))
-tests = re.findall(r'"([^"]+)"', re.search(r"^test = \[(.*?)\]", text, re.M).group(1))
+tests = re.findall(r'"([^"]+)"', re.search(r"^test = \[(.*)\]$", text, re.M).group(1))
 print(" ".join(d for d in listed + tests if not re.match(r"(torch|cityseg)\b", d)))
 EOF
 )

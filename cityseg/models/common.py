@@ -15,6 +15,9 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     refuses."""
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
+    if _exporting():  # symbolic sizes: no branch on them (ONNX's inputs must be at least multiple/2 a side)
+        x = torch.cat([x, x[..., h - 1 - ph:h - 1, :].flip(-2)], dim=-2)
+        return torch.cat([x, x[..., w - 1 - pw:w - 1].flip(-1)], dim=-1)
     if not (ph or pw):
         return x
     if min(h, w) <= max(ph, pw):
@@ -24,3 +27,9 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     if pw:
         x = torch.cat([x, x[..., w - 1 - pw:w - 1].flip(-1)], dim=-1)
     return x
+
+
+def _exporting() -> bool:
+    """True while torch.export traces the model (the ONNX export); torch 2.4 has no such tracing."""
+    check = getattr(torch.compiler, "is_exporting", None)
+    return bool(check and check())
