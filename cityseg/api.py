@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .config import parse_hw, scale_list
+from .config import ConfigError, EvalConfig
 from .data import read_image
 from .errors import UserError
 from .evaluation import Predictor
@@ -106,18 +106,19 @@ def load(checkpoint: str | Path, device: str = "auto", mode: str = "whole", wind
     from .distributed import resolve_device
     from .eval_job import load_model
 
-    mode_check = {"mode": mode in ("whole", "slide"), "window": parse_hw(window, 16) is not None,
-                  "stride": parse_hw(stride) is not None, "tta": tta in (None, "none", "flip"),
-                  "amp": amp in ("auto", "bf16", "fp16", "off"), "use_ema": use_ema in ("auto", "yes", "no")}
-    scale_values = scale_list(scales) if isinstance(scales, str) else \
-        tuple(float(s) for s in scales) if all(0 < float(s) <= 4 for s in scales) and scales else None
-    bad = [name for name, ok in mode_check.items() if not ok] + (["scales"] if not scale_values else [])
-    if bad:
-        raise InputError(f"cityseg.load: {bad[0]}={locals()[bad[0]]!r} is not one evaluate.py accepts (see "
-                         f"python evaluate.py --help for --{bad[0].replace('_', '-')}).")
-    dev = resolve_device(device, 0)
-    model, state = load_model(Path(checkpoint).expanduser(), dev, use_ema)
-    inference = InferenceMode(mode, parse_hw(window, 16), parse_hw(stride), tta == "flip", scale_values)
-    predictor = Predictor(model, dev, amp_dtype(amp, dev), True, inference)
+    if not isinstance(scales, str):
+        try:
+            scales = ",".join(str(float(s)) for s in (scales if isinstance(scales, (list, tuple)) else list(scales)))
+        except (TypeError, ValueError):
+            scales = repr(scales)  # refused below, as evaluate.py refuses it
+    try:  # checked by evaluate.py's own config, so each option means and accepts what its flag does
+        cfg = EvalConfig(checkpoint=str(checkpoint), images="-", device=str(device), mode=mode, window=window,
+                         stride=stride, tta=tta or "none", scales=scales, amp=amp, use_ema=use_ema)
+    except ConfigError as e:
+        raise InputError(f"cityseg.load: {str(e).removeprefix('--')}") from None
+    dev = resolve_device(cfg.device, 0)
+    model, state = load_model(Path(cfg.checkpoint).expanduser(), dev, cfg.use_ema)
+    inference = InferenceMode(cfg.mode, cfg.window_hw, cfg.stride_hw, cfg.tta == "flip", cfg.scale_list())
+    predictor = Predictor(model, dev, amp_dtype(cfg.amp, dev), True, inference)
     info = {"iteration": state.get("iteration"), "config": state.get("config"), "weights": state["evaluated"]}
     return Segmenter(predictor, info, batch_size)

@@ -167,8 +167,9 @@ class TrainConfig:
     init_from: str = option("", "Start a new run from the model weights of this checkpoint (cityseg's, or a state "
                                 "dict of the same model); a run directory with a checkpoint resumes instead.",
                             path=True)
-    aux_weight: float = option(0.0, "Weight of the auxiliary head's cross-entropy (a 1x1 conv on the decoder's "
-                                    "half-resolution stage, used in training only); 0 = no auxiliary head.",
+    aux_weight: float = option(0.0, "Weight of the auxiliary head's cross-entropy (a 1x1 conv on a decoder stage: "
+                                    "the classic U-Net's half-resolution one, the encoder U-Nets' stride-8 one; "
+                                    "training only); 0 = no auxiliary head.",
                                check=number(0))
     # loss
     loss: str = option("ce", "Loss of the main head: ce (cross-entropy over the labelled pixels) or ohem "

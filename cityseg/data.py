@@ -329,6 +329,16 @@ def image_size(path: Path) -> tuple[int, int]:
     return read_image(path).shape[:2]
 
 
+def sample_bytes(dataset: "CityscapesDataset") -> int:
+    """Bytes of one full image and its label as a loader passes them (from the first image's PNG header); a
+    Cityscapes image's 8 MiB when that file cannot be read (the loader reports it, with a checkpoint)."""
+    try:
+        h, w = image_size(dataset.samples[0].image)
+    except (DataError, OSError):
+        h, w = 1024, 2048
+    return h * w * 4
+
+
 def check_shared_memory(loaders: Sequence[tuple[int, int]], processes: int, flag: str = "--workers",
                         path: str = "/dev/shm") -> None:
     """Refuse to start when the batches the DataLoader workers keep in flight cannot fit in ``path``.

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 class DeviceError(UserError):
@@ -60,7 +60,11 @@ def resolve_device(kind: str, local_rank: int) -> torch.device:
         if not torch.cuda.is_available():
             raise DeviceError("--device: got 'cuda' but no CUDA GPU is visible here; use --device cpu (or auto).",
                               collective=True)
-        index = gpu_index(local_rank, torch.cuda.device_count())
+        visible, local = torch.cuda.device_count(), local_world_size()
+        if 1 < visible < local:
+            raise DeviceError(f"--nproc_per_node (or tasks per node): {local} processes on this node but {visible} "
+                              f"GPUs visible; start at most one process per GPU.", collective=True)
+        index = gpu_index(local_rank, visible)
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
@@ -124,7 +128,7 @@ def new_gloo_group() -> Any:
     try:
         return dist.new_group(backend="gloo", timeout=TIMEOUT)
     except (RuntimeError, ValueError) as e:
-        raise LaunchError(f"the gloo group of the {dist.get_world_size()} ranks could not form ({_first_line(e)}); "
+        raise LaunchError(f"the gloo group of the {dist.get_world_size()} ranks could not form ({first_line(e)}); "
                           f"{IFNAME_HINT}.") from None
 
 
@@ -144,7 +148,7 @@ def init(device: str = "auto") -> DistContext:
                                         **kwargs)
             except (RuntimeError, ValueError) as e:
                 raise LaunchError(f"rank {rank} on {socket.gethostname()} could not join the {backend} process "
-                                  f"group of {world} ranks ({_first_line(e)}); {IFNAME_HINT}.") from None
+                                  f"group of {world} ranks ({first_line(e)}); {IFNAME_HINT}.") from None
         control = new_gloo_group()
     meeting = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}" if world > 1 else ""
     return DistContext(rank=rank, local_rank=local_rank, world_size=world, device=dev, control_group=control,
@@ -158,7 +162,11 @@ def _rendezvous(rank: int, world: int) -> dist.Store:
     if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
         raise LaunchError(f"WORLD_SIZE is {world} but MASTER_ADDR and MASTER_PORT are not set; launch with "
                           f"torchrun, srun (slurm/train.sbatch) or slurm/submit.py, which set them.", collective=True)
-    addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+    addr = env["MASTER_ADDR"]
+    if not env["MASTER_PORT"].isdigit() or not 0 < int(env["MASTER_PORT"]) < 65536:
+        raise LaunchError(f"MASTER_PORT: got {env['MASTER_PORT']!r}; must be a port number (1-65535).",
+                          collective=True)
+    port = int(env["MASTER_PORT"])
     if "TORCHELASTIC_RESTART_COUNT" in env:
         return _elastic_store(rank, world, _rdzv_timeout())
     timeout = _rdzv_timeout()
@@ -174,10 +182,10 @@ def _rendezvous(rank: int, world: int) -> dist.Store:
     except (RuntimeError, ValueError, OSError, TimeoutError) as e:
         if rank == 0:
             raise LaunchError(f"rank 0 on {socket.gethostname()} could not serve the rendezvous at {addr}:{port} "
-                              f"({_first_line(e)}); if the port is taken, set MASTER_PORT to a free one, and "
+                              f"({first_line(e)}); if the port is taken, set MASTER_PORT to a free one, and "
                               f"MASTER_ADDR to this node's name.") from None
         error = LaunchError(f"rank {rank} on {socket.gethostname()} could not reach the rendezvous at "
-                            f"{addr}:{port} within {timeout.total_seconds():g} s ({_first_line(e)}); check that "
+                            f"{addr}:{port} within {timeout.total_seconds():g} s ({first_line(e)}); check that "
                             f"rank 0 started, that MASTER_ADDR names its node and MASTER_PORT is free there, and "
                             f"that {addr} is reachable from this node.")
         error.hard_exit = isinstance(e, TimeoutError)  # a store thread may still wait inside c10d
@@ -264,11 +272,13 @@ def _check_addresses(store: dist.Store, rank: int, world: int) -> None:
     host, addr = own_address()
     try:  # the store's first use: some torch versions only find out here that the peer is no store
         store.set(f"cityseg/host/{rank}", f"{host} {addr}")
-        peers = [store.get(f"cityseg/host/{r}").decode().split(" ", 1) for r in range(world)]
+        if rank == 0:  # rank 0 reads every rank's entry and publishes them in one key: O(world) requests
+            store.set("cityseg/hosts", "\n".join(store.get(f"cityseg/host/{r}").decode() for r in range(world)))
+        peers = [line.split(" ", 1) for line in store.get("cityseg/hosts").decode().splitlines()]
     except RuntimeError as e:
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         raise LaunchError(f"rank {rank} on {host}: the rendezvous at {where} failed before all {world} ranks met "
-                          f"({_first_line(e)}); check that every rank started with the same MASTER_ADDR and "
+                          f"({first_line(e)}); check that every rank started with the same MASTER_ADDR and "
                           f"MASTER_PORT, and that the port belongs to rank 0's job.") from None
     if len({h for h, _ in peers}) < 2:
         return
@@ -279,11 +289,6 @@ def _check_addresses(store: dist.Store, rank: int, world: int) -> None:
         raise LaunchError(f"the ranks run on {len({h for h, _ in peers})} hosts but {names} {verb} own name to a "
                           f"loopback address, which the other hosts cannot reach; {IFNAME_HINT}, or "
                           f"map each node's name to its network address in /etc/hosts.", collective=True)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return (lines[0] if lines else type(e).__name__).rstrip(".")
 
 
 def teardown() -> None:
@@ -299,6 +304,21 @@ def session(device: str = "auto") -> Iterator[DistContext]:
         yield init(device)
     finally:
         teardown()
+
+
+def agree(fn: Any, group: Any = None) -> Any:
+    """``fn()`` on every rank (collective): when it raises a :class:`UserError` on any rank, every rank raises
+    the first such rank's line together, instead of the others waiting in their next collective for a rank
+    that has gone."""
+    error, value = "", None
+    try:
+        value = fn()
+    except UserError as e:
+        error = str(e)
+    failed = [m for m in all_gather_object(error, group) if m]
+    if failed:
+        raise UserError(str(failed[0]), collective=True)
+    return value
 
 
 def local_world_size() -> int:

@@ -13,14 +13,14 @@ class EMA(AveragedModel):
     """``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn(decay)``, parameters and buffers
     (BatchNorm's running statistics) averaged, updated after every optimizer step.
 
-    ``AveragedModel.update_parameters`` asks its device counter ``n_averaged`` whether this is the first
-    update (``bool(self.n_averaged == 0)``, twice): a host synchronisation every step on a GPU. Here the host
-    keeps that answer itself (:attr:`started`), restored from the counter when a checkpoint is loaded. Integer
-    buffers (BatchNorm's step count) are copied, not averaged."""
+    ``AveragedModel.update_parameters`` asks its counter ``n_averaged`` whether this is the first update
+    (``bool(self.n_averaged == 0)``, twice a step) and copies it to the device for the average: once the counter
+    is on the GPU (the average moved there, as a checkpointed one is), each question makes the host wait for
+    the GPU. Here the host keeps that answer itself (:attr:`started`), restored from the counter when a
+    checkpoint is loaded. Integer buffers (BatchNorm's step count) are copied, not averaged."""
 
     def __init__(self, model: nn.Module, decay: float):
         super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-        self.decay = decay
         self.started = False
 
     @torch.no_grad()

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint as ckpt
 from . import distributed as du
 from .config import TrainConfig, save_yaml
-from .data import (CityscapesDataset, TrainSampler, check_shared_memory, image_size, make_loader, shutdown,
+from .data import (CityscapesDataset, TrainSampler, check_shared_memory, make_loader, sample_bytes, shutdown,
                    worker_death)
 from .errors import DataError, UserError, one_line
 from .evaluation import Predictor, evaluate, make_pictures, val_loader
@@ -27,7 +27,7 @@ from .logger import RunLogger, resolve_wandb_mode
 from .ema import EMA
 from .losses import LOSSES, aux_ce_sum
 from .models import model_from_config
-from .models.weights import WeightsError, check_weights, load_encoder_weights, read_weight_file, resolve_weights
+from .models.weights import check_weights, load_encoder_weights, read_weight_file, resolve_weights
 from .optim import build_optimizer, lr_factor
 from .precision import amp_dtype, autocast
 from .runlock import own_directory
@@ -57,25 +57,26 @@ def initial_weights(cfg: TrainConfig, ctx: du.DistContext) -> Start | None:
     """The weights a new run starts from, read and checked on every rank before anything is written (a bad
     file is one line); the local rank 0 of each node fetches an ImageNet file first. None when the run
     directory has a checkpoint to resume, or nothing is asked for."""
-    if ckpt.has_checkpoint(cfg.out_dir) or not (cfg.init_from or (cfg.encoder and cfg.encoder_weights != "none")):
+    resuming = du.broadcast_object(ckpt.has_checkpoint(cfg.out_dir) if ctx.is_main else None)  # rank 0 decides
+    if resuming or not (cfg.init_from or (cfg.encoder and cfg.encoder_weights != "none")):
         return None
+    group = ctx.control_group
     if cfg.init_from:
-        state = read_weight_file(Path(cfg.init_from))
-        with torch.device("meta"):  # the keys and shapes the model has, without building its weights
-            expected = model_from_config(cfg.to_dict(), aux=cfg.aux_weight > 0).state_dict()
-        check_weights(state, expected, Path(cfg.init_from), f"--model {cfg.model}", optional=("aux_head.",))
-        return "model", state
-    error, path = "", None
-    if ctx.local_rank == 0:
-        try:
-            path = resolve_weights(cfg.encoder, cfg.encoder_weights)
-        except UserError as e:
-            error = str(e)
-    failed = [m for m in du.all_gather_object(error, ctx.control_group) if m]  # also: the others wait
-    if failed:
-        raise WeightsError(str(failed[0]))
-    path = path or resolve_weights(cfg.encoder, cfg.encoder_weights)
-    return "encoder", load_encoder_weights(path, cfg.encoder)
+        return "model", du.agree(lambda: _init_weights(cfg), group)
+    fetched = du.agree(lambda: resolve_weights(cfg.encoder, cfg.encoder_weights) if ctx.local_rank == 0 else None,
+                       group)  # one download per node, the node's other ranks waiting in the agreement
+    path = du.agree(lambda: fetched or resolve_weights(cfg.encoder, cfg.encoder_weights), group)
+    return "encoder", du.agree(lambda: load_encoder_weights(path, cfg.encoder), group)
+
+
+def _init_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """--init-from's model weights, checked against the model's keys and shapes (the auxiliary head may differ)."""
+    state = read_weight_file(Path(cfg.init_from))
+    with torch.device("meta"):  # the keys and shapes the model has, without building its weights
+        expected = model_from_config(cfg.to_dict(), aux=cfg.aux_weight > 0).state_dict()
+    check_weights(state, expected, Path(cfg.init_from), f"--model {cfg.model}",
+                  optional=lambda k: k.startswith("aux_head."))
+    return state
 
 
 def build_model_for(cfg: TrainConfig, ctx: du.DistContext, start: Start | None = None) -> tuple[nn.Module, nn.Module]:
@@ -137,12 +138,9 @@ class Trainer:
         self.loader = make_loader(train_set, self.sampler, cfg.batch_size, cfg.workers, pin, drop_last=True)
         self.val, self.val_set = val_loader(cfg.data_root, cfg.val_split, ctx, min(cfg.workers, 2),
                                             cfg.max_val_images)
-        try:
-            val_hw = image_size(self.val_set.samples[0].image)
-        except DataError:  # reported where it is loaded, with a checkpoint; assume Cityscapes' size here
-            val_hw = (1024, 2048)
-        check_shared_memory([(cfg.workers, cfg.batch_size * cfg.crop_hw[0] * cfg.crop_hw[1] * 4),
-                             (min(cfg.workers, 2), val_hw[0] * val_hw[1] * 4)], du.local_world_size())
+        du.agree(lambda: check_shared_memory([(cfg.workers, cfg.batch_size * cfg.crop_hw[0] * cfg.crop_hw[1] * 4),
+                                              (min(cfg.workers, 2), sample_bytes(self.val_set))],
+                                             du.local_world_size()), ctx.control_group)
         self.model, self.ddp = build_model_for(cfg, ctx, start)
         self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
         self.ema = build_ema(cfg, self.model, ctx.device)
@@ -261,6 +259,9 @@ class Trainer:
                 write(state)
             except ckpt.CheckpointError as e:
                 error = str(e)
+            except OSError as e:  # rotating or linking the files after a complete write
+                error = f"{self.out}: the checkpoint was written but the files around it could not be updated " \
+                        f"({e.strerror or e}); fix permissions or free space there, then run the same command."
         failed = [m for m in du.all_gather_object(error, self.ctx.control_group) if m]  # also the barrier
         if failed:
             raise ckpt.CheckpointError(str(failed[0]), collective=True)

@@ -27,6 +27,12 @@ class DataError(UserError):
     """Bad input data; the message names the path and what is wrong."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (a library's own, often long), without its period."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__).rstrip(".")
+
+
 def one_line(exc: BaseException) -> str:
     """The user-facing sentence of ``exc``, also when a DataLoader worker re-raised it with its traceback."""
     text = str(exc).strip()

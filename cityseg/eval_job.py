@@ -16,8 +16,8 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import distributed as du
-from .config import ConfigError, EvalConfig, from_dict
-from .data import CityscapesDataset, check_shared_memory, image_size, read_image, shutdown
+from .config import ConfigError, EvalConfig
+from .data import CityscapesDataset, check_shared_memory, read_image, sample_bytes, shutdown
 from .errors import DataError, UserError
 from .evaluation import Pictures, Predictor, evaluate, make_pictures, val_loader
 from .export import official_scores, prediction_path, write_prediction
@@ -110,11 +110,8 @@ def _evaluate_split(cfg: EvalConfig, ctx: du.DistContext, predictor: Predictor, 
         check_writable(out, out_flag)
     if export_dir is not None:
         check_writable(export_dir, "--export-dir" if cfg.export_dir else f"{out_flag} (for predictions/)")
-    try:
-        hw = image_size(dataset.samples[0].image)
-    except DataError:
-        hw = (1024, 2048)  # the file is reported where it is loaded
-    check_shared_memory([(cfg.workers, hw[0] * hw[1] * 4)], du.local_world_size())
+    du.agree(lambda: check_shared_memory([(cfg.workers, sample_bytes(dataset))], du.local_world_size()),
+             ctx.control_group)
     if cfg.mode == "slide":
         _check_window(cfg, dataset)
     on_batch = None

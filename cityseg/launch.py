@@ -48,6 +48,8 @@ class Job(submitit.helpers.Checkpointable):
         except UserError as e:  # the line train.py prints, in the task's log; submitit records the failure
             if not e.collective or os.environ.get("RANK", "0") == "0":
                 print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+            if e.hard_exit:  # a thread may be stuck in native code: leave without the interpreter's shutdown
+                os._exit(2)
             raise
         if result["stopped_by"]:
             self._hand_back(result["stopped_by"])

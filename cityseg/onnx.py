@@ -12,7 +12,6 @@ difference and the argmax agreement with PyTorch, and exits with status 1 below 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -23,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import UserError, report_user_errors
+from .config import OneLineParser
+from .errors import UserError, first_line, report_user_errors
 from .transforms import MEAN, STD
 
 #: The agreement the check demands of onnxruntime's argmax against PyTorch's.
@@ -51,9 +51,15 @@ def _needs() -> None:
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if not _importable(m)]
     if missing:
         raise ExportError(f"the ONNX export needs {', '.join(missing)}: pip install 'cityseg[onnx]'.")
-    if "dynamo" not in torch.onnx.export.__code__.co_varnames:
+    if torch_version() < (2, 6):
         raise ExportError(f"the ONNX export needs torch 2.6 or newer (torch.onnx.export(dynamo=True)); this is "
                           f"torch {torch.__version__}.")
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the installed torch."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 def _importable(name: str) -> bool:
@@ -84,6 +90,11 @@ def export(model: nn.Module, out: str | Path) -> Path:
                                     output_names=["logits"], dynamic_shapes={"image": dims})
         program.save(tmp)
         os.replace(tmp, out)
+    except OSError as e:
+        raise ExportError(f"--out {out}: could not write the file ({e.strerror or e}); free space there or pass "
+                          f"another path. Nothing was replaced.") from None
+    except Exception as e:  # torch.export and onnxscript raise many types; the model is cityseg's own
+        raise ExportError(f"the ONNX export of this model failed ({first_line(e)}); nothing was written.") from e
     finally:
         Path(tmp).unlink(missing_ok=True)
     return out
@@ -103,22 +114,25 @@ def check(path: str | Path, model: nn.Module, images: np.ndarray) -> tuple[float
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cityseg.onnx``."""
-    p = argparse.ArgumentParser(prog="python -m cityseg.onnx", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m cityseg.onnx", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="A checkpoint written by train.py (best.pt, last.pt).")
     p.add_argument("--out", required=True, help="The .onnx file to write.")
     p.add_argument("--use-ema", choices=("auto", "yes", "no"), default="auto",
                    help="Export the moving average of the weights: auto = when the checkpoint has one.")
     p.add_argument("--check-size", default="250x500", help="HxW of the image the export is checked on (sides that "
-                   "are not multiples of 16 exercise the padding inside the graph).")
-    args = p.parse_args(argv)
+                   "are not multiples of 16 exercise the padding inside the graph), each at least the model's "
+                   "multiple (32 for the encoder U-Nets).")
     from .config import parse_hw
     from .eval_job import load_model
 
     with report_user_errors():
-        size = parse_hw(args.check_size, 16)
-        if size is None:
-            raise ExportError(f"--check-size: got {args.check_size!r}; must look like HxW with sides of at least 16.")
+        args = p.parse_args(argv)
         model, state = load_model(Path(args.checkpoint).expanduser(), torch.device("cpu"), args.use_ema)
+        multiple = int(getattr(model, "multiple", 32))
+        size = parse_hw(args.check_size, multiple)
+        if size is None:
+            raise ExportError(f"--check-size: got {args.check_size!r}; must look like HxW with sides of at least "
+                              f"{multiple}, this model's multiple.")
         out = export(model, args.out)
         images = np.random.default_rng(0).integers(0, 256, (1, 3, *size), dtype=np.uint8)
         diff, agreement = check(out, model, images)

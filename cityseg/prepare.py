@@ -28,7 +28,7 @@ def prepare(data_root: str | Path, split: str, cache_dir: str | Path | None = No
     tmp = target.with_name(f".{split}.tmp")
     try:
         tmp.mkdir(parents=True, exist_ok=True)
-        _write(samples, tmp)
+        _write(samples, split, tmp)
     except DataError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -42,7 +42,7 @@ def prepare(data_root: str | Path, split: str, cache_dir: str | Path | None = No
     return target
 
 
-def _write(samples: list, tmp: Path) -> None:
+def _write(samples: list, split: str, tmp: Path) -> None:
     """Decode the samples into ``tmp``'s image and label files, and write its index last."""
     entries, offset = [], 0
     with open(tmp / IMAGES, "wb") as fi, open(tmp / LABELS, "wb") as fl:
@@ -55,7 +55,7 @@ def _write(samples: list, tmp: Path) -> None:
             h, w = label.shape
             entries.append({"name": s.name, "height": h, "width": w, "offset": offset})
             offset += h * w
-    (tmp / INDEX).write_text(json.dumps({"split": tmp.name[1:-len(".tmp")], "images": entries}))
+    (tmp / INDEX).write_text(json.dumps({"split": split, "images": entries}))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -119,7 +119,9 @@ class _CUDASyncBatchNorm(torch.autograd.Function):
         c = x.shape[1]
         n = x.numel() // c
         mean_l, inv_std_l = torch.batch_norm_stats(x, 0.0)
-        mean_l64, var_l64 = mean_l.double(), inv_std_l.double().pow(-2)
+        inv_std_l = inv_std_l.double()  # 0 for a channel of one value (batch_norm_stats guards the division)
+        mean_l64 = mean_l.double()
+        var_l64 = torch.where(inv_std_l > 0, inv_std_l.pow(-2), torch.zeros_like(inv_std_l))
         stats = torch.cat([mean_l64 * n, (var_l64 + mean_l64 * mean_l64) * n,
                            torch.full((1,), float(n), dtype=torch.float64, device=x.device)])
         if _world(group) > 1:

@@ -93,6 +93,9 @@ def test_a_torchvision_pth_and_a_timm_safetensors_load_with_their_classifiers_dr
     pth = tmp_path / "resnet18.pth"
     torch.save(recipe_weights("resnet18") | {"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}, pth)
     assert mismatch(create_encoder("resnet18", weights=pth).eval(), "resnet18") < 1e-5
+    old = tmp_path / "resnet18-2018.pth"  # saved before PyTorch 0.4.1: no BatchNorm step counts (torchvision's V1)
+    torch.save({k: v for k, v in recipe_weights("resnet18").items() if not k.endswith("num_batches_tracked")}, old)
+    assert mismatch(create_encoder("resnet18", weights=old).eval(), "resnet18") < 1e-5
     st = tmp_path / "model.safetensors"
     timm_file = recipe_weights("convnext_tiny") | {"head.norm.weight": torch.ones(768), "head.norm.bias":
                                                     torch.zeros(768), "head.fc.weight": torch.zeros(1000, 768),
@@ -140,12 +143,12 @@ def test_wrong_weight_files_are_one_line_each(tmp_path):
     torch.save(recipe_weights("resnet50"), other)
     with pytest.raises(WeightsError) as e:
         create_encoder("resnet18", weights=other)
-    assert str(e.value) == (f"{other}: not resnet18 weights (198 unexpected, first: layer1.0.bn3.bias; 23 of another "
+    assert str(e.value) == (f"{other}: not resnet18 weights (165 unexpected, first: layer1.0.bn3.bias; 23 of another "
                             f"shape, first: layer1.0.conv1.weight (64, 64, 1, 1) instead of (64, 64, 3, 3)); pass a "
                             f"file made for it.")
     convnext = tmp_path / "convnext.pth"
     torch.save(recipe_weights("convnext_tiny"), convnext)
-    with pytest.raises(WeightsError, match=r"not resnet18 weights \(120 keys missing, first: conv1\.weight; 178 "
+    with pytest.raises(WeightsError, match=r"not resnet18 weights \(100 keys missing, first: conv1\.weight; 178 "
                                            r"unexpected, first: stages\.0\.blocks\.0\.conv_dw\.bias\)"):
         create_encoder("resnet18", weights=convnext)
     truncated = tmp_path / "cut.pth"

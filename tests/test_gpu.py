@@ -192,8 +192,16 @@ def _syncbn_worker(rank: int, port: int, out: str) -> None:
                       MASTER_PORT=str(port))
     ctx = du.init("cuda")
     try:
-        model, _ = build_model_for(TrainConfig(width=8), ctx)
+        model, ddp = build_model_for(TrainConfig(width=8), ctx)
         kinds = {type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        x = torch.randn(2, 3, 64, 64, device=ctx.device).contiguous(memory_format=torch.channels_last)
+        ddp(x).float().sum().backward()  # warm-up: NCCL communicators, DDP's buckets
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # CUDASyncBatchNorm over NCCL: no host synchronisation
+        try:
+            ddp(x).float().sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
         with open(f"{out}/rank{rank}.json", "w") as f:
             json.dump({"kinds": sorted(kinds), "backend": dist.get_backend()}, f)
     finally:
@@ -215,8 +223,9 @@ def _cuda_syncbn_worker(rank: int, port: int, out: str) -> None:
         xi = x[sl].contiguous(memory_format=torch.channels_last).requires_grad_(True)
         y = bn(xi)
         (y * w[sl]).sum().backward()
-        torch.save({"y": y.detach().cpu(), "gx": xi.grad.cpu(), "gw": bn.weight.grad.cpu(), "gb": bn.bias.grad.cpu(),
-                    "mean": bn.running_mean.cpu(), "var": bn.running_var.cpu()}, f"{out}/rank{rank}.pt")
+        first = {"y": y.detach().cpu(), "gx": xi.grad.cpu(), "gw": bn.weight.grad.cpu(), "gb": bn.bias.grad.cpu(),
+                 "mean": bn.running_mean.cpu(), "var": bn.running_var.cpu()}
+        torch.save(first, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -266,7 +275,7 @@ def test_a_task_that_sees_one_gpu_takes_it_whatever_its_local_rank(tree, tmp_pat
 
 
 @needs_gpus(2)
-def test_two_ranks_use_nccl_and_sync_batchnorm(tmp_path):
+def test_two_ranks_use_nccl_and_cuda_sync_batchnorm_without_host_syncs(tmp_path):
     torch.multiprocessing.spawn(_syncbn_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"kinds": ["CUDASyncBatchNorm"],

@@ -14,7 +14,6 @@ import json
 import os
 import traceback
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

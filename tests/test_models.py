@@ -5,9 +5,7 @@ weights, starting from weights, and the learning-rate schedule and parameter gro
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 
 import pytest
 import torch
@@ -259,7 +257,10 @@ def test_the_moving_average_follows_its_formula():
     for h in history[1:]:
         expected = {k: 0.75 * v + 0.25 * h[k] if v.is_floating_point() else h[k] for k, v in expected.items()}
     for k, v in ema.module.state_dict().items():
-        torch.testing.assert_close(v, expected[k], msg=k) if v.is_floating_point() else torch.equal(v, expected[k])
+        if v.is_floating_point():
+            torch.testing.assert_close(v, expected[k], msg=k)
+        else:
+            assert torch.equal(v, expected[k]), k
     assert ema.state()["updates"] == 3 and int(ema.module[1].num_batches_tracked) == 3
 
 

@@ -15,7 +15,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     refuses."""
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
-    if _exporting():  # symbolic sizes: no branch on them (ONNX's inputs must be at least multiple/2 a side)
+    if _exporting():  # symbolic sizes: no branch on them (the ONNX graph's inputs are at least the multiple a side)
         x = torch.cat([x, x[..., h - 1 - ph:h - 1, :].flip(-2)], dim=-2)
         return torch.cat([x, x[..., w - 1 - pw:w - 1].flip(-1)], dim=-1)
     if not (ph or pw):

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .registry import ENCODERS
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -58,7 +60,7 @@ def resolve_weights(name: str, option: str) -> Path | None:
             torch.hub.download_url_to_file(official.url, str(path), hash_prefix=official.sha256, progress=False)
         except Exception as e:  # urllib's URLError/HTTPError, torch.hub's hash mismatch, OSError
             raise WeightsError(f"--encoder-weights imagenet: could not fetch {official.url} into {path} "
-                               f"({_first_line(e)}); on a node without internet, fill the cache elsewhere "
+                               f"({first_line(e)}); on a node without internet, fill the cache elsewhere "
                                f"(python -m cityseg.models.weights {name}) or pass the file's path.") from None
     check_sha256(path, official.sha256)
     return path
@@ -85,7 +87,7 @@ def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     except WeightsError:
         raise
     except Exception as e:  # truncated archives, pickles that need code, text files...
-        raise WeightsError(f"{path}: not a readable weight file ({_first_line(e)}); pass a torchvision .pth or a "
+        raise WeightsError(f"{path}: not a readable weight file ({first_line(e)}); pass a torchvision .pth or a "
                            f"timm .safetensors/.bin file.") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -112,15 +114,22 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        start, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        try:
+            start, end = (int(v) for v in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise WeightsError(f"{bad} (the header's entry for {key} is malformed).") from None
         if dtype is None:
             raise WeightsError(f"{path}: tensor {key} has dtype {info['dtype']}, which cityseg does not read.")
         if base + end > len(data):
             raise WeightsError(f"{bad} (truncated: {len(data)} bytes, tensor {key} ends at byte {base + end}).")
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if not 0 <= start <= end or min(shape, default=0) < 0 or end - start != size:
+            raise WeightsError(f"{bad} (tensor {key}: bytes {start}-{end} cannot hold shape {shape}).")
         tensor = torch.frombuffer(bytearray(data[base + start:base + end]), dtype=dtype) if end > start else \
             torch.empty(0, dtype=dtype)
-        out[key] = tensor.reshape(info["shape"])
+        out[key] = tensor.reshape(shape)
     return out
 
 
@@ -131,16 +140,18 @@ def load_encoder_weights(path: Path, name: str) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         expected = entry.build().state_dict()
     state = {k: v for k, v in read_weight_file(path).items() if not k.startswith(entry.classifier)}
-    check_weights(state, expected, path, f"{name} weights")
-    return {k: state[k].float() if state[k].is_floating_point() else state[k] for k in expected}
+    # files saved before PyTorch 0.4.1 (torchvision's resnet18/34) have no BatchNorm step counts; BatchNorm
+    # fills them in when they are absent
+    check_weights(state, expected, path, f"{name} weights", optional=lambda k: k.endswith(".num_batches_tracked"))
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def check_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path, what: str,
-                  optional: tuple[str, ...] = ()) -> None:
-    """Every key of ``expected`` in ``state`` with its shape, and nothing else (keys starting with ``optional``
-    may be absent or extra); otherwise one line naming the file and the first key of each kind of mismatch."""
-    missing = [k for k in expected if k not in state and not k.startswith(optional)]
-    unexpected = [k for k in state if k not in expected and not k.startswith(optional)]
+                  optional: Callable[[str], bool] = lambda key: False) -> None:
+    """Every key of ``expected`` in ``state`` with its shape, and nothing else (keys ``optional`` says yes to may
+    be absent or extra); otherwise one line naming the file and the first key of each kind of mismatch."""
+    missing = [k for k in expected if k not in state and not optional(k)]
+    unexpected = [k for k in state if k not in expected and not optional(k)]
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     problems = []
     if missing:
@@ -153,11 +164,6 @@ def check_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tens
                         f"{tuple(expected[k].shape)}")
     if problems:
         raise WeightsError(f"{path}: not {what} ({'; '.join(problems)}); pass a file made for it.")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return (lines[0] if lines else type(e).__name__).rstrip(".")
 
 
 def main(argv: list[str]) -> int:
