@@ -565,7 +565,8 @@ cmd_up() {
     local t0=$SECONDS version
     install_packages
     start_munge
-    version="$(sinfo --version 2>/dev/null | awk '{print $2}')"
+    # from the package: sinfo --version itself needs a slurm.conf, which a fresh machine does not have yet
+    version="$(dpkg-query -W -f='${Version}' slurm-client 2>/dev/null | cut -d- -f1)"
     if (( NODES > 1 )); then
         cmd_up_multi "$NODES"
         echo "local SLURM cluster '$CLUSTER_NAME' up: slurm $version, $NODES nodes in network namespaces," \
