@@ -32,7 +32,7 @@ from .optim import build_optimizer, lr_factor
 from .precision import amp_dtype, autocast
 from .runlock import own_directory
 from .signals import DATA_ERROR, StopFlag, name
-from .syncbn import convert_sync_batchnorm
+from .syncbn import convert_sync_batchnorm, run_eagerly_under_compile
 from .transforms import TrainTransform, to_input, to_target
 
 
@@ -142,6 +142,8 @@ class Trainer:
                                               (min(cfg.workers, 2), sample_bytes(self.val_set))],
                                              du.local_world_size()), ctx.control_group)
         self.model, self.ddp = build_model_for(cfg, ctx, start)
+        if cfg.compile:
+            run_eagerly_under_compile()
         self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
         self.ema = build_ema(cfg, self.model, ctx.device)
         evaluated = self.ema.module if self.ema is not None else self.model  # the weights evaluation uses
@@ -542,7 +544,8 @@ def set_determinism(deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
-    torch.use_deterministic_algorithms(deterministic)
+    if torch.are_deterministic_algorithms_enabled() != deterministic:  # the call imports torch's compiler, ~1 s
+        torch.use_deterministic_algorithms(deterministic)
 
 
 class NondeterministicOpError(UserError):

@@ -46,10 +46,10 @@ class Job(submitit.helpers.Checkpointable):
 
             result = train(parse_config(self.argv))
         except UserError as e:  # the line train.py prints, in the task's log; submitit records the failure
+            # Raised even when train.py would leave with os._exit (e.hard_exit): submitit writes this task's
+            # result file only on the way out, and `submit.py --wait` waits for every task's.
             if not e.collective or os.environ.get("RANK", "0") == "0":
                 print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
-            if e.hard_exit:  # a thread may be stuck in native code: leave without the interpreter's shutdown
-                os._exit(2)
             raise
         if result["stopped_by"]:
             self._hand_back(result["stopped_by"])

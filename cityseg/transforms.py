@@ -10,8 +10,12 @@ builds a 4096x2048 image. The photometric distortion (albumentations) then runs 
 from __future__ import annotations
 
 import functools
+import os
 
-import albumentations as A
+# albumentations asks PyPI for a newer version at import (up to 2 s, and a warning in every task's log on compute
+# nodes without internet); a user who wants the check sets the variable to 0.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import albumentations as A  # noqa: E402
 import cv2
 import numpy as np
 import torch

@@ -32,13 +32,11 @@ def _exit_codes(torchrun_log: str) -> dict[int, int]:
     return codes
 
 
-SIGNAL_CASES = [  # processes, signal, who gets it, extra flags
+SIGNAL_CASES = [  # processes, signal, who gets it, extra flags (SIGUSR2: test_slurm's requeue tests)
     (0, signal.SIGTERM, "main", []),
-    (0, signal.SIGUSR2, "main", []),
     # a terminal's Ctrl-C or SLURM signal every process of the job: DataLoader workers must keep serving
     (0, signal.SIGINT, "process group", ["--workers", "2"]),
     # with 2 processes only rank 1 is signalled: the ranks must still agree on one iteration
-    (2, signal.SIGTERM, "rank 1", []),
     (2, signal.SIGUSR1, "rank 1", []),
 ]
 
