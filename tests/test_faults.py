@@ -50,6 +50,18 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+#: The full-disk cases: 10 iterations, a checkpoint every 2.
+DISK_RUN = ("--max-iters", "10", "--ckpt-every", "2", "--eval-every", "0")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synthetic_root, tmp_path_factory) -> list[dict]:
+    """The metrics of the full-disk cases' run without a full disk: what every resumed run must end with."""
+    out = tmp_path_factory.mktemp("faults_uninterrupted")
+    run_script("train.py", _train_args(synthetic_root, out, *DISK_RUN))
+    return run_metrics(out)
+
+
 @pytest.fixture(scope="module")
 def trained(synthetic_root, tmp_path_factory) -> Path:
     """A checkpoint of a 2-iteration run, for the evaluate.py cases."""
@@ -122,9 +134,9 @@ def test_zero_byte_files_in_evaluate_and_images_are_one_line(synthetic_root, tra
 
 # -- a full disk ---------------------------------------------------------------------------------------------
 @needs_root
-def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_one(synthetic_root, tmp_path, tmpfs):
+def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_one(synthetic_root, tmpfs, uninterrupted):
     out = tmpfs("6m")  # room for one 4 MB checkpoint, not two
-    args = _train_args(synthetic_root, out, "--max-iters", "6", "--ckpt-every", "2", "--eval-every", "0")
+    args = _train_args(synthetic_root, out, *DISK_RUN)
     proc = run_script("train.py", args, check=False)
     assert proc.returncode == 2 and _error_lines(proc.stderr) == [proc.stderr.strip()], proc.stderr
     assert proc.stderr.startswith(f"error: {out / 'ckpt_00000004.pt'}: could not write the checkpoint (No space "
@@ -134,16 +146,14 @@ def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_one(synthetic_
     subprocess.run(["mount", "-o", "remount,size=40m", str(out)], check=True)  # space freed
     again = run_script("train.py", args)
     assert f"Resumed from {out / 'last.pt'} at iteration 2" in again.stdout
-    reference = tmp_path / "reference"
-    run_script("train.py", _train_args(synthetic_root, reference, "--max-iters", "6", "--ckpt-every", "2",
-                                       "--eval-every", "0"))
-    assert run_metrics(out) == run_metrics(reference)
+    assert run_metrics(out) == uninterrupted
 
 
 @needs_root
-def test_a_full_disk_while_logging_stops_and_the_log_never_blocks_the_resume(synthetic_root, tmp_path, tmpfs):
+def test_a_full_disk_while_logging_stops_and_the_log_never_blocks_the_resume(synthetic_root, tmp_path, tmpfs,
+                                                                              uninterrupted):
     out = tmpfs("16m")
-    args = _train_args(synthetic_root, out, "--max-iters", "10", "--ckpt-every", "2", "--eval-every", "0")
+    args = _train_args(synthetic_root, out, *DISK_RUN)
     with open(tmp_path / "first.log", "w") as log:
         proc = start_training(args, 0, log=log)
         wait_for_iteration(out, 3, proc)
@@ -162,10 +172,7 @@ def test_a_full_disk_while_logging_stops_and_the_log_never_blocks_the_resume(syn
     (out / "filler").unlink()
     again = run_script("train.py", args)
     assert f"Resumed from {out / 'last.pt'} at iteration {k}" in again.stdout
-    reference = tmp_path / "reference"
-    run_script("train.py", _train_args(synthetic_root, reference, "--max-iters", "10", "--ckpt-every", "2",
-                                       "--eval-every", "0"))
-    assert run_metrics(out) == run_metrics(reference)
+    assert run_metrics(out) == uninterrupted
 
 
 def test_a_record_cut_short_in_the_log_is_dropped_on_resume(synthetic_root, tmp_path):
