@@ -1,24 +1,29 @@
 """GPU benchmark of the reference recipe (4 crops of 512x1024 per GPU, U-Net width 64): the training step, the
 whole training loop, full-resolution evaluation, and optionally a short training curve.
 
-    python bench/gpu.py [--json FILE] [--out-dir DIR] [--only step,loop,eval] [--curve-minutes 5]
+    python bench/gpu.py [--json FILE] [--out-dir DIR] [--only step,loop,eval] [--rows ROW,...] [--curve-minutes 5]
 
-- step: crops/s, model FLOP utilisation (MFU) and peak memory of cityseg's own Trainer.train_step for bf16,
-  bf16 + channels_last and bf16 + channels_last + torch.compile. FLOPs per crop (forward and backward) come from
-  torch's FLOP counter; MFU is against the GPU's dense bf16 peak, looked up by its exact name in
-  PEAK_BF16_TFLOPS (H100 SXM and H200: 989 TFLOP/s; H100 PCIe 756; NVL cards 835; --peak-tflops for others);
-  --no-compile leaves out the compiled row. Below the 40% goal, torch.profiler's top kernels are written down
-  with what bounds them.
+- step: crops/s, model FLOP utilisation (MFU) and peak memory of cityseg's own Trainer.train_step, one row per
+  configuration (STEP_ROWS; --rows picks some): bf16 eager in the NCHW layout and in channels_last, eager with
+  cityseg's synchronised BatchNorm as multi-GPU training runs it, and compiled (--no-compile leaves it out).
+  FLOPs per crop (forward and backward) come from torch's FLOP counter; MFU is against the GPU's dense bf16 peak,
+  looked up by its exact name in PEAK_BF16_TFLOPS (H100 SXM and H200: 989 TFLOP/s; H100 PCIe 756; NVL cards 835;
+  --peak-tflops for others). A row below the 40% goal gets torch.profiler's top kernels, each marked with what
+  bounds it.
 - loop: train.py on a full-resolution synthetic tree, through the decoded cache with 8 workers, against the
-  step alone (loop_vs_step = the loop's images/s over the step's crops/s, same configuration).
+  step alone (loop_vs_step = the loop's images/s over the channels_last row's crops/s).
 - eval: full-resolution (1024x2048) bf16 evaluation, whole image, images/s including loading.
 - curve (--curve-minutes N): train.py for about N minutes on full-resolution synthetic data with the recipe's
   crop and batch, evaluating on the way: loss and mIoU against iterations, as JSON and a PNG.
+
+With --json the results file is rewritten after every row and part, so a run cut short keeps what it measured;
+a row or part that fails is recorded with its error and the others still run (the exit status is then 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -26,8 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -57,8 +63,31 @@ CROP = (512, 1024)
 COMPUTE_BOUND = ("gemm", "conv", "cutlass", "xmma", "wgrad", "dgrad", "fprop", "sm90", "sm80", "implicit")
 
 
-def trainer_for(root: Path, out: Path, width: int, batch: int, compile_model: bool, channels_last: bool) -> Any:
-    """cityseg's Trainer at the reference recipe's step (bf16, SGD), on one GPU."""
+@dataclasses.dataclass(frozen=True)
+class StepRow:
+    """One configuration of the training step that the step benchmark times."""
+
+    what: str  #: what the row measures, for people
+    channels_last: bool = True  #: the model's weights and its inputs in channels_last (else NCHW, contiguous)
+    sync_bn: bool = False  #: cityseg's synchronised BatchNorm (CUDASyncBatchNorm) instead of cuDNN's
+    compiled: bool = False  #: torch.compile, as --compile
+
+
+#: The step benchmark's rows by name (--rows), in the order they run.
+STEP_ROWS = {
+    "eager_nchw": StepRow("bf16, eager, NCHW (contiguous) weights and inputs", channels_last=False),
+    "eager_channels_last": StepRow("bf16, eager, channels_last: train.py on one GPU"),
+    "eager_syncbn": StepRow("bf16, eager, channels_last, CUDASyncBatchNorm as multi-GPU training runs it (one "
+                            "rank: its kernels, no all-reduce)", sync_bn=True),
+    "compiled_channels_last": StepRow("bf16, torch.compile, channels_last: train.py --compile on one GPU",
+                                      compiled=True),
+}
+#: The row the loop is compared with: what train.py runs.
+PLAIN_ROW = "eager_channels_last"
+
+
+def trainer_for(root: Path, out: Path, width: int, batch: int, row: StepRow, device: str = "cuda") -> Any:
+    """cityseg's Trainer at the reference recipe's step (bf16, SGD), on one device, configured as ``row`` says."""
     from cityseg import distributed as du
     from cityseg.config import TrainConfig
     from cityseg.engine import Trainer, set_determinism
@@ -66,13 +95,49 @@ def trainer_for(root: Path, out: Path, width: int, batch: int, compile_model: bo
 
     set_determinism(False)  # cuDNN autotuning, as train.py runs
     cfg = TrainConfig(data_root=str(root), out_dir=str(out), width=width, crop_size=f"{CROP[0]}x{CROP[1]}",
-                      batch_size=batch, workers=0, device="cuda", amp="bf16", wandb="off", compile=compile_model,
+                      batch_size=batch, workers=0, device=device, amp="bf16", wandb="off", compile=row.compiled,
                       num_pictures=0, cache_dir="none", max_iters=10_000, warmup_iters=0)
-    trainer = Trainer(cfg, du.init("cuda"), StopFlag())
-    if not channels_last:
-        trainer.channels_last = False
-        trainer.model.to(memory_format=torch.contiguous_format)
+    trainer = Trainer(cfg, du.init(device), StopFlag())
+    if not row.channels_last or row.sync_bn:
+        remodel(trainer, row.channels_last, row.sync_bn)
     return trainer
+
+
+def remodel(trainer: Any, channels_last: bool, sync_bn: bool) -> None:
+    """Give a new one-process Trainer's model another memory format and/or the synchronised BatchNorm, then build
+    its optimizer and schedule again, for the final parameters.
+
+    The order matters: build_optimizer gives each SGD momentum buffer its parameter's strides, and CUDA's fused SGD
+    refuses a step whose parameters, gradients and buffers differ in strides (a model made NCHW after its optimizer
+    was built keeps channels_last buffers); converted BatchNorm layers are new parameters, which the first
+    optimizer would never update."""
+    from cityseg.optim import build_optimizer, lr_factor
+    from cityseg.syncbn import convert_sync_batchnorm
+
+    assert trainer.iteration == 0 and trainer.ema is None and trainer.ddp is trainer.model, "a new one-process Trainer"
+    cfg, device = trainer.cfg, trainer.ctx.device
+    model = convert_sync_batchnorm(trainer.model, device) if sync_bn else trainer.model
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    trainer.model = trainer.ddp = model
+    trainer.forward = torch.compile(model) if cfg.compile else model
+    trainer.channels_last = channels_last  # the inputs' layout
+    trainer.predictor = dataclasses.replace(trainer.predictor, model=model, channels_last=channels_last)
+    trainer.optimizer = build_optimizer(cfg, model, device)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda it: lr_factor(it, cfg))
+
+
+def select_rows(names: str | None, compile_row: bool, parts: set[str]) -> list[str]:
+    """The step rows to run: ``names`` (comma-separated; all by default), without the compiled one under
+    --no-compile, and with the channels_last row whenever the loop or the curve is compared with it."""
+    chosen = names.split(",") if names else list(STEP_ROWS)
+    unknown = [n for n in chosen if n not in STEP_ROWS]
+    if unknown:
+        raise ValueError(f"--rows: unknown row {', '.join(unknown)}; the rows are {', '.join(STEP_ROWS)}")
+    if not compile_row:
+        chosen = [n for n in chosen if not STEP_ROWS[n].compiled]
+    if parts & {"loop", "curve"} and PLAIN_ROW not in chosen:
+        chosen.append(PLAIN_ROW)
+    return [n for n in STEP_ROWS if n in chosen]
 
 
 def fixed_batch(batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -128,30 +193,44 @@ def profile_top_kernels(trainer: Any, batch: list, top: int = 12) -> list[dict[s
             for e in events[:top]]
 
 
-def bench_step(root: Path, tmp: Path, width: int, batch: int, steps: int, peak: float | None,
-               compile_row: bool = True) -> dict[str, Any]:
-    flops = flops_per_crop(width)
-    rows: dict[str, Any] = {}
-    data = fixed_batch(batch)
-    configs = [("bf16", False, False), ("bf16+channels_last", True, False), ("bf16+channels_last+compile", True, True)]
-    for label, channels_last, compiled in configs[:3 if compile_row else 2]:
-        trainer = trainer_for(root, tmp / label, width, batch, compiled, channels_last)
-        row = measure_step(trainer, data, steps, warmup=10 if compiled else 5)
-        row["tflops"] = row["crops_per_s"] * flops / 1e12
-        row["mfu"] = row["tflops"] / peak if peak else None
-        rows[label] = row
-        trainer.log.close()
-        del trainer
+def bench_step(root: Path, tmp: Path, args: argparse.Namespace, rows: list[str], peak: float | None,
+               save: Callable[[], None]) -> dict[str, Any]:
+    """Every row of ``rows``, each in a Trainer of its own; ``save`` after each (a failed row records its error)."""
+    result: dict[str, Any] = {"flops_per_crop": flops_per_crop(args.width), "rows": {}}
+    data = fixed_batch(args.batch)
+    for name in rows:
+        row = STEP_ROWS[name]
+        try:
+            result["rows"][name] = measure_row(root, tmp / name, args, row, data, result["flops_per_crop"], peak)
+        except Exception as e:  # noqa: BLE001 -- one row's defect must not cost the other rows' figures
+            traceback.print_exc()
+            result["rows"][name] = {"what": row.what, "error": error_line(e)}
         torch.cuda.empty_cache()
-    best = max(rows, key=lambda k: rows[k]["crops_per_s"])
-    result = {"flops_per_crop": flops, "rows": rows, "best": best, "mfu_best": rows[best]["mfu"]}
-    if peak and rows[best]["mfu"] < GOALS["mfu_best"][1]:
-        trainer = trainer_for(root, tmp / "profile", width, batch, best.endswith("compile"), True)
-        for _ in range(5):
-            trainer.train_step(data)
-        result["top_kernels"] = profile_top_kernels(trainer, data)
-        trainer.log.close()
+        best = best_row(result["rows"])
+        result.update(best=best, mfu_best=result["rows"][best]["mfu"] if best else None)
+        save()
     return result
+
+
+def measure_row(root: Path, out: Path, args: argparse.Namespace, row: StepRow, data: list, flops: float,
+                peak: float | None) -> dict[str, Any]:
+    """One row: crops/s, TFLOP/s, MFU and peak memory, and the top kernels when below the MFU goal."""
+    trainer = trainer_for(root, out, args.width, args.batch, row)
+    try:
+        measured = measure_step(trainer, data, args.steps, warmup=10 if row.compiled else 5)
+        tflops = measured["crops_per_s"] * flops / 1e12
+        result = {"what": row.what, **measured, "tflops": tflops, "mfu": tflops / peak if peak else None}
+        if peak and result["mfu"] < GOALS["mfu_best"][1]:
+            result["top_kernels"] = profile_top_kernels(trainer, data)
+        return result
+    finally:
+        trainer.log.close()
+
+
+def best_row(rows: dict[str, Any]) -> str | None:
+    """The fastest measured row of those the MFU goal is about (the synchronised BatchNorm's is for comparison)."""
+    measured = [n for n, r in rows.items() if "crops_per_s" in r and not STEP_ROWS[n].sync_bn]
+    return max(measured, key=lambda n: rows[n]["crops_per_s"]) if measured else None
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -162,6 +241,13 @@ def full_resolution_tree(root: Path, num_train: int, num_val: int) -> Path:
     write_tree(root, num_train=num_train, num_val=num_val, num_test=0, size=(1024, 2048), seed=0,
                workers=os.cpu_count() or 1)
     return root
+
+
+def tree_size(parts: set[str], args: argparse.Namespace) -> tuple[int, int]:
+    """Train and val images the parts need: the step only builds a Trainer on its tree (its batches are fixed)."""
+    train = args.train_images if parts & {"loop", "curve"} else args.batch
+    val = args.val_images if parts & {"eval", "curve"} else 1
+    return train, val
 
 
 def train_cmd(root: Path, out: Path, width: int, batch: int, iters: int, *extra: str) -> list[str]:
@@ -256,7 +342,8 @@ def verdict(key: str, value: float | None) -> str:
     return f"{'met' if ok else 'MISSED'} (goal {op} {target:g})"
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked (parts and rows by name) before anything needs a GPU."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=4, help="Crops per GPU (the reference recipe's 4).")
     p.add_argument("--width", type=int, default=64)
@@ -264,68 +351,148 @@ def main() -> None:
     p.add_argument("--train-images", type=int, default=32, help="Full-resolution images for the loop and curve.")
     p.add_argument("--val-images", type=int, default=24, help="Full-resolution images for the evaluation.")
     p.add_argument("--only", default="step,loop,eval", help="Comma-separated parts: step, loop, eval, curve.")
+    p.add_argument("--rows", default=None, help="Comma-separated rows of the step benchmark (default: all): "
+                   + "; ".join(f"{name}: {row.what}" for name, row in STEP_ROWS.items()) + ".")
     p.add_argument("--curve-minutes", type=float, default=0.0, help="Also train this long for a learning curve.")
     p.add_argument("--peak-tflops", type=float, default=None, help="Dense bf16 peak of this GPU (default: from the "
                    "table of exact GPU names in this file).")
-    p.add_argument("--no-compile", action="store_true", help="Leave out the torch.compile row of the step benchmark "
+    p.add_argument("--no-compile", action="store_true", help="Leave out the compiled row of the step benchmark "
                    "(its compilation takes a minute or more).")
-    p.add_argument("--json", metavar="FILE")
-    p.add_argument("--out-dir", default=".", help="Where the profile and the curve's picture go.")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("error: bench/gpu.py needs a CUDA GPU; on CPU run bench/run.py instead.")
-    parts = set(args.only.split(",")) | ({"curve"} if args.curve_minutes else set())
-    name = torch.cuda.get_device_name()
-    peak = args.peak_tflops or PEAK_BF16_TFLOPS.get(name)
-    print(f"{name}: dense bf16 peak " + (f"{peak:g} TFLOP/s ({'--peak-tflops' if args.peak_tflops else 'table'})"
-                                          if peak else "unknown (not in the table; pass --peak-tflops for MFU)"))
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
-                              "peak_bf16_tflops": peak, "batch": args.batch, "crop": list(CROP), "width": args.width}
-    t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="cityseg-gpu-bench-") as tmp_name:
-        tmp = Path(tmp_name)
-        root = full_resolution_tree(tmp / "cityscapes", args.train_images, args.val_images)
-        step = bench_step(root, tmp, args.width, args.batch, args.steps, peak, not args.no_compile) \
-            if parts & {"step", "loop", "curve"} else None
-        if step:
-            result["step"] = step
-            print(f"{name}: U-Net width {args.width}, {CROP[0]}x{CROP[1]}, batch {args.batch}, "
-                  f"{step['flops_per_crop'] / 1e12:.3f} TFLOP per crop (forward + backward)")
-            for label, row in step["rows"].items():
-                mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
-                print(f"  {label:<28} {row['crops_per_s']:7.1f} crops/s  {row['tflops']:6.1f} TFLOP/s  MFU {mfu}  "
-                      f"peak memory {row['peak_memory_gib']:.1f} GiB")
-            for k in step.get("top_kernels", []):
-                print(f"    {100 * k['share']:5.1f}%  {k['bound']:<7}  {k['kernel']}")
-        plain = step["rows"]["bf16+channels_last"] if step else None
-        if "loop" in parts:
-            result["loop"] = bench_loop(root, tmp, args.width, args.batch, plain["crops_per_s"])
-            print(f"loop: {result['loop']['loop_images_per_s']:.1f} images/s through train.py, "
-                  f"step alone {plain['crops_per_s']:.1f} crops/s")
-        if "eval" in parts:
-            result["eval"] = bench_eval(root, args.width)
-            print(f"eval: {result['eval']['eval_images_per_s']:.1f} full-resolution images/s (bf16, whole image, "
-                  f"loading included)")
-        if "curve" in parts:
-            result["curve"] = bench_curve(root, tmp, args.width, args.batch, args.curve_minutes or 5,
-                                          plain["step_s"], out_dir)
-            print(f"curve: {result['curve']['iterations']} iterations in {result['curve']['minutes']:.1f} min; "
-                  f"val mIoU " + ", ".join(f"{it}: {100 * m:.1f}%" for it, m in result["curve"]["miou"]))
-    figures = {"mfu_best": step["mfu_best"] if step else None,
+    p.add_argument("--json", metavar="FILE", help="Write the results here, after every row and part.")
+    p.add_argument("--out-dir", default=".", help="Where the curve's picture goes.")
+    args = p.parse_args(argv)
+    args.parts = set(args.only.split(",")) | ({"curve"} if args.curve_minutes else set())
+    unknown = args.parts - {"step", "loop", "eval", "curve"}
+    if unknown:
+        p.error(f"--only: unknown part {', '.join(sorted(unknown))}; the parts are step, loop, eval, curve")
+    try:
+        args.row_names = select_rows(args.rows, not args.no_compile, args.parts) \
+            if args.parts & {"step", "loop", "curve"} else []
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def add_figures(result: dict[str, Any]) -> None:
+    """The goals' figures from what has been measured so far, and whether each is met."""
+    step = result.get("step") or {}
+    figures = {"mfu_best": step.get("mfu_best"),
                "loop_vs_step": result.get("loop", {}).get("loop_vs_step"),
                "eval_images_per_s": result.get("eval", {}).get("eval_images_per_s")}
     result["figures"] = figures
     result["met"] = {k: verdict(k, v).startswith("met") for k, v in figures.items() if v is not None}
-    result["seconds"] = time.perf_counter() - t_start
-    for key, value in figures.items():
+
+
+def write_json(path: str, result: dict[str, Any]) -> None:
+    """Replace ``path`` whole with the results, so that a reader never sees half a file."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as one line for the results file (its traceback goes to stderr)."""
+    first = str(e).splitlines()[0][:300] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def print_step(name: str, args: argparse.Namespace, step: dict[str, Any]) -> None:
+    """The step benchmark's rows as a table, and the best row's top kernels when it has them."""
+    print(f"{name}: U-Net width {args.width}, {CROP[0]}x{CROP[1]}, batch {args.batch}, "
+          f"{step['flops_per_crop'] / 1e12:.3f} TFLOP per crop (forward + backward)")
+    for label, row in step["rows"].items():
+        if "error" in row:
+            print(f"  {label:<24} FAILED: {row['error']}")
+            continue
+        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+        print(f"  {label:<24} {row['crops_per_s']:7.1f} crops/s  {row['tflops']:6.1f} TFLOP/s  MFU {mfu}  "
+              f"peak memory {row['peak_memory_gib']:.1f} GiB")
+    for k in step["rows"].get(step.get("best") or "", {}).get("top_kernels", []):
+        print(f"    {100 * k['share']:5.1f}%  {k['bound']:<7}  {k['kernel']}")
+
+
+def run_part(result: dict[str, Any], key: str, work: Callable[[], dict[str, Any]], save: Callable[[], None]) -> None:
+    """``result[key] = work()``, or the error it raised; saved either way."""
+    try:
+        result[key] = work()
+    except Exception as e:  # noqa: BLE001 -- a failed part must not cost the other parts' figures
+        traceback.print_exc()
+        result[key] = {"error": error_line(e)}
+    finally:
+        save()
+
+
+def plain_row(result: dict[str, Any]) -> dict[str, Any]:
+    """The measured channels_last row, which the loop and the curve are compared with."""
+    row = result.get("step", {}).get("rows", {}).get(PLAIN_ROW, {})
+    if "crops_per_s" not in row:
+        raise RuntimeError(f"the step row {PLAIN_ROW} was not measured, so there is nothing to compare with")
+    return row
+
+
+def run_parts(args: argparse.Namespace, root: Path, tmp: Path, peak: float | None, result: dict[str, Any],
+              save: Callable[[], None]) -> None:
+    """The step rows, then the loop, the evaluation and the curve, as ``args`` asks; each saved as it ends."""
+    if args.row_names:
+        result["step"] = bench_step(root, tmp, args, args.row_names, peak, save)
+        print_step(result["device"], args, result["step"])
+    if "loop" in args.parts:
+        run_part(result, "loop", lambda: bench_loop(root, tmp, args.width, args.batch,
+                                                    plain_row(result)["crops_per_s"]), save)
+        if "loop_images_per_s" in result["loop"]:
+            print(f"loop: {result['loop']['loop_images_per_s']:.1f} images/s through train.py, "
+                  f"step alone {result['loop']['step_crops_per_s']:.1f} crops/s")
+    if "eval" in args.parts:
+        run_part(result, "eval", lambda: bench_eval(root, args.width), save)
+        if "eval_images_per_s" in result["eval"]:
+            print(f"eval: {result['eval']['eval_images_per_s']:.1f} full-resolution images/s (bf16, whole image, "
+                  f"loading included)")
+    if "curve" in args.parts:
+        run_part(result, "curve", lambda: bench_curve(root, tmp, args.width, args.batch, args.curve_minutes or 5,
+                                                      plain_row(result)["step_s"], Path(args.out_dir)), save)
+        if "miou" in result["curve"]:
+            print(f"curve: {result['curve']['iterations']} iterations in {result['curve']['minutes']:.1f} min; "
+                  f"val mIoU " + ", ".join(f"{it}: {100 * m:.1f}%" for it, m in result["curve"]["miou"]))
+
+
+def failures(result: dict[str, Any]) -> list[str]:
+    """The rows and parts that recorded an error."""
+    return [k for k, r in result.get("step", {}).get("rows", {}).items() if "error" in r] + \
+        [k for k in ("loop", "eval", "curve") if "error" in result.get(k, {})]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen parts; 0 when every row and part was measured, 1 when one failed (its error is recorded)."""
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("error: bench/gpu.py needs a CUDA GPU; on CPU run bench/run.py instead.")
+    name = torch.cuda.get_device_name()
+    peak = args.peak_tflops or PEAK_BF16_TFLOPS.get(name)
+    print(f"{name}: dense bf16 peak " + (f"{peak:g} TFLOP/s ({'--peak-tflops' if args.peak_tflops else 'table'})"
+                                          if peak else "unknown (not in the table; pass --peak-tflops for MFU)"))
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+                              "peak_bf16_tflops": peak, "batch": args.batch, "crop": list(CROP), "width": args.width}
+    t_start = time.perf_counter()
+
+    def save() -> None:
+        result["seconds"] = time.perf_counter() - t_start
+        add_figures(result)
+        if args.json:
+            write_json(args.json, result)
+
+    with tempfile.TemporaryDirectory(prefix="cityseg-gpu-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        root = full_resolution_tree(tmp / "cityscapes", *tree_size(args.parts, args))
+        run_parts(args, root, tmp, peak, result, save)
+    save()
+    for key, value in result["figures"].items():
         if value is not None:
             print(f"{key:<22}{value:10.3f}  {verdict(key, value)}")
-    print(f"({result['seconds']:.0f}s)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    failed = failures(result)
+    print(f"bench/gpu.py: {'failed: ' + ', '.join(failed) if failed else 'done'} ({result['seconds']:.0f}s)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,6 +12,7 @@ flip and multi-scale TTA) and code, so ``to_label_ids(predict(path))`` equals th
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -77,15 +78,25 @@ class Segmenter:
 
 def as_rgb(item: ImageLike) -> np.ndarray:
     """An HxWx3 uint8 RGB array from a path, a PIL image or an array (grey or RGBA arrays converted)."""
+    rgb = _to_rgb(item)
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:  # the model's convolutions would fail on it
+        raise InputError(f"predict: got an empty image ({rgb.shape[0]}x{rgb.shape[1]} pixels); pass an image of at "
+                         f"least 1x1.")
+    return rgb
+
+
+def _to_rgb(item: ImageLike) -> np.ndarray:
     if isinstance(item, (str, Path)):
         return read_image(Path(item).expanduser())
     if type(item).__module__.startswith("PIL."):
-        return np.asarray(item.convert("RGB"))
+        return _pil_rgb(item)
     if not isinstance(item, np.ndarray):
         raise InputError(f"predict: got a {type(item).__name__}; pass a file path, an HxWx3 uint8 RGB numpy array, "
                          f"a PIL image, or a list of them.")
     if item.dtype != np.uint8:
-        hint = " (values in 0-1: (x * 255).round().astype(np.uint8))" if item.dtype.kind == "f" else ""
+        hint = (" (values in 0-1: (x * 255).round().astype(np.uint8))" if item.dtype.kind == "f" else
+                " (16-bit values: (x >> 8).astype(np.uint8), as 16-bit files are read)" if item.dtype == np.uint16
+                else "")
         raise InputError(f"predict: got an array of {item.dtype}; pass uint8 RGB values in 0-255{hint}.")
     if item.ndim == 2 or (item.ndim == 3 and item.shape[2] == 1):  # grey: the same value in R, G and B
         return np.ascontiguousarray(np.repeat(item.reshape(*item.shape[:2], 1), 3, axis=2))
@@ -97,6 +108,22 @@ def as_rgb(item: ImageLike) -> np.ndarray:
     return np.ascontiguousarray(item)
 
 
+def _pil_rgb(image: Any) -> np.ndarray:
+    """A PIL image as uint8 RGB; 16-bit grey (modes I;16*, and I within 0-65535) keeps its high byte, as the
+    path reader (OpenCV) decodes a 16-bit PNG or TIFF, where ``convert("RGB")`` would clip it to 0 or 255."""
+    if image.mode == "F":
+        raise InputError("predict: got a PIL image of mode F (32-bit floats); pass 8-bit values, e.g. "
+                         "Image.fromarray((np.asarray(im) * 255).round().astype(np.uint8)) for values in 0-1.")
+    if not image.mode.startswith("I"):  # I, I;16, I;16B, I;16L, I;16N, I;16S
+        return np.asarray(image.convert("RGB"))
+    values = np.asarray(image)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise InputError(f"predict: got a PIL image of mode {image.mode} with values from {values.min()} to "
+                         f"{values.max()}, outside 16 bits (0-65535); scale it to 0-255 yourself and pass a uint8 "
+                         f"array.")
+    return _to_rgb((values.astype(np.uint16) >> 8).astype(np.uint8))
+
+
 def load(checkpoint: str | Path, device: str = "auto", mode: str = "whole", window: str = "512x1024",
          stride: str = "341x683", tta: str | None = None, scales: Sequence[float] | str = (1.0,), amp: str = "auto",
          use_ema: str = "auto", batch_size: int = 8) -> Segmenter:
@@ -106,6 +133,8 @@ def load(checkpoint: str | Path, device: str = "auto", mode: str = "whole", wind
     from .distributed import resolve_device
     from .eval_job import load_model
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise InputError(f"cityseg.load: batch_size: got {batch_size!r}; must be an integer >= 1")
     if not isinstance(scales, str):
         try:
             scales = ",".join(str(float(s)) for s in (scales if isinstance(scales, (list, tuple)) else list(scales)))
@@ -121,4 +150,4 @@ def load(checkpoint: str | Path, device: str = "auto", mode: str = "whole", wind
     inference = InferenceMode(cfg.mode, cfg.window_hw, cfg.stride_hw, cfg.tta == "flip", cfg.scale_list())
     predictor = Predictor(model, dev, amp_dtype(cfg.amp, dev), True, inference)
     info = {"iteration": state.get("iteration"), "config": state.get("config"), "weights": state["evaluated"]}
-    return Segmenter(predictor, info, batch_size)
+    return Segmenter(predictor, info, int(batch_size))

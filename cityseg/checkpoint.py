@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .models import model_options
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -36,6 +35,7 @@ def save(state: dict[str, Any], path: str | Path) -> None:
     tmp = ""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, file_mode())  # mkstemp's 0600 would hide it from the group and from serving accounts
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -49,6 +49,26 @@ def save(state: dict[str, Any], path: str | Path) -> None:
                               f"space or fix permissions in {path.parent}, then run the same command. The previous "
                               f"checkpoint there is intact.") from None
     _fsync_dir(path.parent)
+
+
+def file_mode() -> int:
+    """The mode a new file gets from ``open()`` under this process's umask: ``0o666 & ~umask``."""
+    return 0o666 & ~umask()
+
+
+def umask() -> int:
+    """The process's umask: read from ``/proc/self/status`` where Linux has it, else set and restored at once
+    (which another thread creating a file at that moment could see)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o077)
+    os.umask(old)
+    return old
 
 
 def write_failure(e: BaseException, directory: Path) -> str:
@@ -146,7 +166,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"{path}: not a readable cityseg checkpoint ({type(e).__name__}); "
+        from .models.weights import unreadable  # what the file is instead, never torch's weights_only=False advice
+
+        raise CheckpointError(f"{path}: not a readable cityseg checkpoint ({unreadable(path, e)}); "
                               f"it may be truncated or from another program.") from e
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a cityseg checkpoint (no 'model' entry).")
@@ -198,25 +220,6 @@ def check_resumable(state: dict[str, Any], path: Path) -> None:
             f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); it was not written by cityseg's "
             f"train.py, or by another version. Move it out of {path.parent} to start a fresh run there, or start "
             f"from its weights in another directory with --init-from {path}.", collective=True)
-
-
-def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Refuse to resume when a field that shapes the checkpoint's tensors differs: the model, the options its
-    registry entry names (``--width``, ``--decoder-channels``), and whether it has an auxiliary head."""
-    name = current["model"]
-    if saved.get("model", "unet") != name:  # checkpoints older than --model hold the classic U-Net
-        raise CheckpointError(f"{path} was trained with --model {saved.get('model', 'unet')} but this run asks for "
-                              f"{name}; use the same model, or a new --out-dir to start a fresh run.")
-    for field in model_options(name):
-        if field in saved and saved[field] != current[field]:
-            raise CheckpointError(
-                f"{path} was trained with --{field.replace('_', '-')} {saved[field]} but this run asks for "
-                f"{current[field]}; use the same value, or a new --out-dir to start a fresh run.")
-    if (saved.get("aux_weight", 0) > 0) != (current["aux_weight"] > 0):  # the auxiliary head's weights
-        raise CheckpointError(
-            f"{path} was trained {'with' if saved.get('aux_weight', 0) > 0 else 'without'} an auxiliary head "
-            f"(--aux-weight {saved.get('aux_weight', 0)}) but this run asks for --aux-weight "
-            f"{current['aux_weight']}; keep it zero or non-zero as it was, or use a new --out-dir.")
 
 
 def has_checkpoint(out_dir: str | Path) -> bool:

@@ -8,13 +8,14 @@ import dataclasses
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, speaks
 from .losses import LOSSES
 from .models import MODELS
 
@@ -117,7 +118,10 @@ def scale_list(text: str) -> tuple[float, ...] | None:
 # -- the configs -----------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run. Defaults are the reference Cityscapes recipe."""
+    """Everything that defines a training run. Defaults are the reference Cityscapes recipe.
+
+    Recipes choose their values from published practice (mmsegmentation, torchvision's references, the model's
+    authors), never from a score on the synthetic tree: the synthetic tree tests code paths, not recipes."""
 
     REQUIRED = {"data_root": "/path/to/cityscapes"}  # field: an example value
 
@@ -200,6 +204,19 @@ class TrainConfig:
     encoder_lr_mult: float = option(1.0, "Learning rate of the encoder's parameters relative to --lr (the "
                                          "unet_<encoder> models; 0.1 is common for pretrained encoders).",
                                     check=number(0))
+    layer_decay: float = option(1.0, "Layer-wise learning-rate decay of the unet_<encoder> models, by stage "
+                                     "(mmsegmentation's stage_wise LearningRateDecayOptimizerConstructor): the "
+                                     "decoder and heads get the full rate, the encoder's stage i (stem 0; "
+                                     "ConvNeXt's downsampling layers 0 too; blocks of stage N or ResNet's layerN: N "
+                                     "+ 1 or N) RATE ** (num_layers + 1 - i), times --encoder-lr-mult; 1 = off.",
+                                check=number(0, 1, low_open=True))
+    layer_decay_num_layers: int = option(6, "mmsegmentation's num_layers of --layer-decay (ConvNeXt-T's recipe "
+                                            "uses 6, ConvNeXt-S and -B 12): the exponent's top is num_layers + 1.",
+                                         check=integer(4))
+    drop_path: float = option(0.0, "Stochastic depth of the unet_<encoder> models (timm's semantics): in training "
+                                   "each sample's residual branch is dropped with a probability rising linearly "
+                                   "from 0 at the encoder's first block to this at its last; none in evaluation.",
+                              check=number(0, 1, high_open=True))
     ema_decay: float = option(0.0, "Keep an exponential moving average of the weights, this much of the old one "
                                    "kept each step (e.g. 0.9999; 0 = off). It is evaluated during training, saved "
                                    "in every checkpoint, and evaluate.py uses it.",
@@ -227,6 +244,12 @@ class TrainConfig:
                              check=integer(1))
     log_every: int = option(20, "Log loss, lr and throughput every N iterations (the only host syncs of the "
                                 "loop).", check=integer(1))
+    stall_timeout: float = option(600.0, "Stall watchdog: when no rank has completed a step or an evaluation batch for "
+                                         "this many seconds (a hung file system, a stopped or deadlocked process), "
+                                         "every live rank writes its Python stacks to OUT/stalls/, one line names "
+                                         "the ranks that stopped, and the job exits with status 75 (requeued under "
+                                         "SLURM) to resume from its last checkpoint. The first step and checkpoint "
+                                         "writes are not watched. 0 = off.", check=number(0))
     max_val_images: int = option(0, "Evaluate at most this many val images during training (0 = all).",
                                  check=integer(0))
     num_pictures: int = option(4, "At each evaluation, write (and log to W&B) prediction panels of the first N "
@@ -356,6 +379,9 @@ def validate(cfg: Any) -> None:
                 setattr(cfg, f.name, value)
             except ValueError:
                 pass
+        if kind is bool and isinstance(value, str) and value.strip().lower() in SWITCH_WORDS:  # `compile: yes`
+            value = SWITCH_WORDS[value.strip().lower()]
+            setattr(cfg, f.name, value)
         if f.metadata.get("path") and isinstance(value, str) and value.startswith("~"):
             value = os.path.expanduser(value)
             setattr(cfg, f.name, value)
@@ -369,18 +395,45 @@ def validate(cfg: Any) -> None:
             raise bad(f.name, value, problem)
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML as recipes mean it: only true and false are booleans (YAML 1.1 reads off, on, yes and no as booleans,
+    so ``amp: off`` became False), and a key given twice is an error instead of the last one winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(f"{key} is given twice (lines {lines[key]} and {line}); keep one")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+#: How a recipe may spell a switch (YAML 1.1's words, which YAML 1.2 and RecipeLoader read as text).
+SWITCH_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
 def load_yaml(path: str | Path, cls: type = TrainConfig) -> dict[str, Any]:
     """Read a recipe; every key must be a field of ``cls`` (values are checked with the config)."""
-    path = Path(path)
+    path = Path(os.path.expanduser(str(path)))
     if not path.is_file() and (CONFIG_DIR / path.name).is_file() and not path.parent.name:
         path = CONFIG_DIR / path.name  # allow `--config demo.yaml` for the shipped recipes
     if not path.is_file():
         raise ConfigError(f"--config: got {str(path)!r}, no such file; pass a YAML recipe such as "
                           f"cityseg/configs/demo.yaml")
+    text = _recipe_text(path)
     try:
-        data = yaml.safe_load(_recipe_text(path)) or {}
+        data = yaml.load(text, Loader=RecipeLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from e
+    except ConfigError as e:
+        raise ConfigError(f"--config {path}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of field: value at the top level")
     return check_keys(data, cls, str(path))
@@ -402,7 +455,13 @@ def _recipe_text(path: Path) -> str:
 
 def check_keys(data: dict[str, Any], cls: type, source: str) -> dict[str, Any]:
     """Normalise dashes to underscores and reject keys that are not fields of ``cls``."""
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    normal: dict[str, Any] = {}
+    for k, v in data.items():
+        name = str(k).replace("-", "_")
+        if name in normal:
+            raise ConfigError(f"{source}: {name} is given twice (as {flag(name)[2:]} and {name}); keep one")
+        normal[name] = v
+    data = normal
     unknown = sorted(set(data) - {f.name for f in fields(cls)})
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys are the --flags of --help "
@@ -463,11 +522,29 @@ def parse_config(argv: Sequence[str] | None = None, cls: type = TrainConfig) -> 
         if not values.get(name):
             raise ConfigError(f"{flag(name)}: missing; it is required, e.g. {flag(name)} {example}", field=name)
     try:
-        return cls(**values)
+        cfg = cls(**values)
     except ConfigError as e:
         if e.field in from_recipe:
             raise ConfigError(f"{e} (set in {recipe})", field=e.field) from None
         raise
+    if isinstance(cfg, TrainConfig):
+        for line in ignored_options(cfg, set(values)):  # flags and recipe keys
+            if speaks():
+                print(f"note: {line}", file=sys.stderr, flush=True)
+    return cfg
+
+
+#: Fields that only the unet_<encoder> models use.
+ENCODER_ONLY = ("decoder_channels", "encoder_weights", "encoder_lr_mult", "layer_decay", "layer_decay_num_layers",
+                "drop_path")
+
+
+def ignored_options(cfg: TrainConfig, given: set[str]) -> list[str]:
+    """What the user set (``given``: flags and recipe keys) that the classic U-Net does not use, one line each."""
+    if cfg.encoder is not None:
+        return []
+    return [f"{flag(name)} is ignored: --model {cfg.model} has no pretrained encoder (it applies to the "
+            f"unet_<encoder> models)" for name in sorted(given) if name in ENCODER_ONLY]
 
 
 def from_dict(data: dict[str, Any], cls: type = TrainConfig) -> Any:

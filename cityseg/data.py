@@ -296,9 +296,14 @@ def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: in
     # halfway through an optimizer step. Without it the loader itself reports the death (within 5 s) where
     # the trainer fetches batches, which can then stop every rank at a completed step (worker_death).
     signal_handling._SIGCHLD_handler_set = True
+    # A generator of its own: each new iterator draws its workers' base seed from it, which would otherwise be a
+    # draw from torch's global generator, at points that differ between a resumed run and one that never stopped
+    # (the global generator draws the --drop-path masks, which resume bitwise). cityseg's samples are seeded by
+    # (seed, epoch, index) anyway.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin, drop_last=drop_last, worker_init_fn=_worker_init,
-                      persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers > 0 else None)
+                      persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers > 0 else None,
+                      generator=torch.Generator())
 
 
 def worker_death(error: RuntimeError, loader: DataLoader) -> str:

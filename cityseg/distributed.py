@@ -90,12 +90,42 @@ IFNAME_HINT = ("set GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME on GPUs) to the n
 
 def _launch_env() -> tuple[int, int, int]:
     """(rank, local rank, world size) from torchrun/submitit variables, else from an srun step whose
-    script exported MASTER_ADDR and MASTER_PORT (slurm/train.sbatch), else a single process."""
+    script exported MASTER_ADDR and MASTER_PORT (slurm/train.sbatch), else a single process. Values that are not
+    integers, or that do not fit together (a leftover ``RANK=1`` in a shell), are one line on every process."""
     env = os.environ
     if "RANK" not in env and "SLURM_STEP_NUM_TASKS" in env and "MASTER_ADDR" in env and "MASTER_PORT" in env:
         _check_slurm_tasks(env)
-        return int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_STEP_NUM_TASKS"])
-    return int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+        names = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS")
+    else:
+        names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+    rank, local, world = (_env_int(n, d) for n, d in zip(names, (0, 0, 1)))
+    r, lr, w = names
+    fix = ("unset them (a leftover of another job?) to run one process, or launch with torchrun, srun or "
+           "slurm/submit.py, which set them all")
+    if world < 1:
+        raise LaunchError(f"{w}={world}: must be at least 1 (the number of processes); {fix}.")
+    if not 0 <= rank < world:
+        told = f"{w}={world}" if w in env else f"{w} is not set (so 1 process)"
+        raise LaunchError(f"{r}={rank} but {told}: a rank must be from 0 to {world - 1}; {fix}.")
+    if local < 0 or local > rank:
+        raise LaunchError(f"{lr}={local} does not fit {r}={rank}: a local rank is from 0 to the rank; {fix}.")
+    local_world = _env_int("LOCAL_WORLD_SIZE", 0)
+    if "LOCAL_WORLD_SIZE" in env and not (0 <= local < local_world <= world):
+        raise LaunchError(f"LOCAL_WORLD_SIZE={local_world} does not fit {lr}={local} and {w}={world}: it counts "
+                          f"the processes of this node; {fix}.")
+    return rank, local, world
+
+
+def _env_int(name: str, default: int) -> int:
+    """An integer environment variable (``default`` when unset); anything else is one line naming it."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise LaunchError(f"{name}={text!r}: must be an integer; unset it, or launch with torchrun, srun or "
+                          f"slurm/submit.py, which set it.") from None
 
 
 def _check_slurm_tasks(env: "os._Environ[str] | dict[str, str]") -> None:
@@ -161,11 +191,10 @@ def _rendezvous(rank: int, world: int) -> dist.Store:
     env = os.environ
     if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
         raise LaunchError(f"WORLD_SIZE is {world} but MASTER_ADDR and MASTER_PORT are not set; launch with "
-                          f"torchrun, srun (slurm/train.sbatch) or slurm/submit.py, which set them.", collective=True)
+                          f"torchrun, srun (slurm/train.sbatch) or slurm/submit.py, which set them.")
     addr = env["MASTER_ADDR"]
     if not env["MASTER_PORT"].isdigit() or not 0 < int(env["MASTER_PORT"]) < 65536:
-        raise LaunchError(f"MASTER_PORT: got {env['MASTER_PORT']!r}; must be a port number (1-65535).",
-                          collective=True)
+        raise LaunchError(f"MASTER_PORT: got {env['MASTER_PORT']!r}; must be a port number (1-65535).")
     port = int(env["MASTER_PORT"])
     if "TORCHELASTIC_RESTART_COUNT" in env:
         return _elastic_store(rank, world, _rdzv_timeout())
@@ -325,7 +354,8 @@ def local_world_size() -> int:
     """How many processes of the job run on this node (torchrun and submitit export it; srun steps with
     ``--ntasks-per-node`` give it to SLURM)."""
     env = os.environ
-    return int(env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
+    text = env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or "1"
+    return int(text) if text.strip().isdigit() and int(text) > 0 else 1
 
 
 def is_enabled() -> bool:

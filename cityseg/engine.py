@@ -20,20 +20,23 @@ from . import distributed as du
 from .config import TrainConfig, save_yaml
 from .data import (CityscapesDataset, TrainSampler, check_shared_memory, make_loader, sample_bytes, shutdown,
                    worker_death)
-from .errors import DataError, UserError, one_line
-from .evaluation import Predictor, evaluate, make_pictures, val_loader
+from .errors import DataError, UserError, first_line, one_line
+from .evaluation import EvaluationStopped, Predictor, evaluate, make_pictures, val_loader
 from .labels import IGNORE_INDEX
 from .logger import RunLogger, resolve_wandb_mode
 from .ema import EMA
 from .losses import LOSSES, aux_ce_sum
 from .models import model_from_config
+from .models.common import set_drop_path
 from .models.weights import check_weights, load_encoder_weights, read_weight_file, resolve_weights
 from .optim import build_optimizer, lr_factor
 from .precision import amp_dtype, autocast
+from .resume import check_resume, load_optimizer
 from .runlock import own_directory
 from .signals import DATA_ERROR, StopFlag, name
-from .syncbn import convert_sync_batchnorm, run_eagerly_under_compile
+from .syncbn import convert_sync_batchnorm
 from .transforms import TrainTransform, to_input, to_target
+from .watchdog import Watchdog
 
 
 #: What to do after each kind of failure that stops the ranks together (the end of their one line).
@@ -79,6 +82,24 @@ def _init_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_model_fits(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a model whose fp32 weights, gradients and two optimizer moments alone
+    exceed the device's memory (a typo in ``--width`` or ``--decoder-channels``)."""
+    with torch.device("meta"):
+        count = sum(p.numel() for p in model_from_config(cfg.to_dict(), aux=cfg.aux_weight > 0).parameters())
+    need = 16 * count
+    if device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    if need > have:
+        name = "width" if cfg.model == "unet" else "decoder_channels"
+        raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: --model {cfg.model} would have "
+                        f"{count / 1e9:.1f} billion parameters, {need / 2**30:,.0f} GiB for its weights, gradients and "
+                        f"optimizer state in fp32 alone, more than the {have / 2**30:,.0f} GiB of {where}; use "
+                        f"smaller widths.", collective=True)
+
+
 def build_model_for(cfg: TrainConfig, ctx: du.DistContext, start: Start | None = None) -> tuple[nn.Module, nn.Module]:
     """The model of ``--model`` on the device, channels_last, started from ``start`` if given, and its DDP
     wrapper; synchronised BatchNorm when distributed, and our CPU BatchNorm on every CPU run."""
@@ -87,6 +108,7 @@ def build_model_for(cfg: TrainConfig, ctx: du.DistContext, start: Start | None =
     if start is not None:
         kind, state = start
         (model.encoder if kind == "encoder" else model).load_state_dict(state, strict=kind == "encoder")
+    set_drop_path(model, cfg.drop_path, ctx.rank, ctx.world_size)
     if ctx.device.type == "cpu":
         # Our own BatchNorm on CPU, also alone: PyTorch's channels_last CPU kernel takes its statistics with
         # errors tens of times those of its NCHW one (tests/test_syncbn.py measures both), ours stays at NCHW's.
@@ -124,8 +146,10 @@ def build_ema(cfg: TrainConfig, model: nn.Module, device: torch.device) -> EMA |
 class Trainer:
     """Owns the state of one run; ``fit()`` trains from wherever the state stands to ``max_iters``."""
 
-    def __init__(self, cfg: TrainConfig, ctx: du.DistContext, stop: StopFlag, start: Start | None = None):
+    def __init__(self, cfg: TrainConfig, ctx: du.DistContext, stop: StopFlag, start: Start | None = None,
+                 watchdog: Watchdog | None = None):
         self.cfg, self.ctx, self.stop = cfg, ctx, stop
+        self.watchdog = watchdog or Watchdog(0, cfg.out_dir)  # a timeout of 0 never starts watching
         self.out = Path(cfg.out_dir)
         self.channels_last = True  # inputs in the model's memory format
         self.dtype = amp_dtype(cfg.amp, ctx.device)
@@ -142,8 +166,6 @@ class Trainer:
                                               (min(cfg.workers, 2), sample_bytes(self.val_set))],
                                              du.local_world_size()), ctx.control_group)
         self.model, self.ddp = build_model_for(cfg, ctx, start)
-        if cfg.compile:
-            run_eagerly_under_compile()
         self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
         self.ema = build_ema(cfg, self.model, ctx.device)
         evaluated = self.ema.module if self.ema is not None else self.model  # the weights evaluation uses
@@ -153,6 +175,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
         self.iteration, self.epoch, self.step_in_epoch = 0, 0, 0
         self.best_miou, self.wandb_id, self.stopped_by = -1.0, None, 0
+        self._saved_at = -1  # the iteration of the last periodic checkpoint this run wrote
+        self.eval_pending = False  # an evaluation of this iteration began and has not completed
         self._failure: tuple[str, str] | tuple[()] = ()  # (what failed, what to do) on this rank
         self.window = _Window(ctx.device)
         self.log = RunLogger(self.out, ctx.is_main)
@@ -172,6 +196,7 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "log_window": du.all_gather_tensor(self.window.sums).cpu(),
             "best_miou": self.best_miou,
+            "eval_pending": self.eval_pending,
             "config": self.cfg.to_dict(),
             "ema": self.ema.state() if self.ema is not None else None,
             "rng": ckpt.rng_state(),
@@ -181,8 +206,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint written by :meth:`state_dict`, on any number of processes."""
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        load_optimizer(self.optimizer, self.scheduler, state, self.cfg, self.model)  # today's hyper-parameters
         if self.scaler.is_enabled() and not state["scaler"]:
             self.log.info(f"the checkpoint was trained with --amp {state['config'].get('amp')}, without a "
                           f"GradScaler; fp16 training continues with a fresh one (scale {self.scaler.get_scale():g})")
@@ -190,6 +214,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.iteration, self.epoch = int(state["iteration"]), int(state["epoch"])
         self.best_miou, self.wandb_id = float(state["best_miou"]), state.get("wandb_id")
+        self.eval_pending = bool(state.get("eval_pending", False))
         if self.ema is not None:
             if state.get("ema"):
                 self.ema.load(state["ema"])
@@ -235,17 +260,26 @@ class Trainer:
             return
         state = ckpt.load(found)
         ckpt.check_resumable(state, Path(found))
-        ckpt.check_compatible(state["config"], self.cfg.to_dict(), Path(found))
-        changed = {k: v for k, v in self.cfg.to_dict().items() if state["config"].get(k) != v}
-        if changed:
-            self.log.info("config changed since the checkpoint: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()))
-        self.load_state_dict(state)
+        try:
+            changed = check_resume(state["config"], self.cfg, Path(found), has_ema=bool(state.get("ema")))
+            self.load_state_dict(state)
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError, RuntimeError) as e:
+            raise ckpt.CheckpointError(
+                f"{found}: cannot be resumed from ({type(e).__name__}: {first_line(e)}); it was edited or written by "
+                f"another version: restore the file, or pass a new --out-dir to start a fresh run.",
+                collective=True) from None
+        if changed:  # each takes effect from here (cityseg.resume refuses those that cannot)
+            current = self.cfg.to_dict()
+            self.log.info("config changed since the checkpoint: " + ", ".join(f"{k}={current[k]!r}" for k in changed))
         self.log.rewind(self.iteration)
         self.log.info(f"Resumed from {found} at iteration {self.iteration}")
 
     def save_periodic(self) -> None:
         """Rank 0 writes ``ckpt_<it>.pt`` and points ``last.pt`` at it; every rank waits for it."""
+        if self._saved_at == self.iteration:  # written already (before this iteration's evaluation)
+            return
         self._save(lambda state: ckpt.save_periodic(state, self.out, self.cfg.keep_ckpts))
+        self._saved_at = self.iteration
 
     def save_best(self) -> None:
         """Rank 0 writes ``best.pt``; every rank waits for it."""
@@ -253,12 +287,14 @@ class Trainer:
 
     def _save(self, write: Any) -> None:
         """Rank 0 writes the state; a failure (a full disk) stops every rank with rank 0's one line."""
+        self.watchdog.set_phase("checkpoint")
         self._check_finite(weights=True)
         state = self.state_dict()
         error = ""
         if self.ctx.is_main:
             try:
-                write(state)
+                with self.watchdog.pause():  # a slow file system is not a stall; the other ranks wait for it
+                    write(state)
             except ckpt.CheckpointError as e:
                 error = str(e)
             except OSError as e:  # rotating or linking the files after a complete write
@@ -352,16 +388,22 @@ class Trainer:
         self._fetch()
         if self.stop.agree_now() == DATA_ERROR:  # before the first step: nothing new to save
             raise self._stop_error(saved=False)
+        if self.eval_pending and self._evaluation_missing():
+            self._evaluate()  # the checkpoint was written before an evaluation that a stop cut short
         warm_graphs = None
         while self.iteration < self.cfg.max_iters and not self.stopped_by:
             micro, (self.epoch, self.step_in_epoch) = self._ahead.popleft()
+            self.watchdog.set_phase("step")
             self.train_step(micro)
             if self.cfg.compile and warm_graphs is None:  # what the first step compiled
                 warm_graphs = compiled_graphs()
             self.iteration += 1
+            self.watchdog.progress(self.iteration)
             self.log.advance()
+            self.watchdog.set_phase("data")
             self._fetch()
             self._after_step()
+        self.watchdog.close()  # what follows (the W&B upload, teardown) is not a step
         self._stream.close()
         self.stop.drain()
         if self.stopped_by == DATA_ERROR:
@@ -382,17 +424,32 @@ class Trainer:
                  else f"no step was trained since iteration {self.iteration}")
         return f"{message.rstrip('.')}. Training stopped and {where}; {advice} and run the same command to resume."
 
+    def _eval_due(self, it: int) -> bool:
+        return bool(self.cfg.eval_every and it % self.cfg.eval_every == 0) or it >= self.cfg.max_iters
+
+    def _ckpt_due(self, it: int) -> bool:
+        return bool(self.cfg.ckpt_every and it % self.cfg.ckpt_every == 0) or it >= self.cfg.max_iters
+
+    def _evaluation_missing(self) -> bool:
+        """True when the log holds no evaluation of the current iteration (decided by rank 0)."""
+        return bool(du.broadcast_object(not self.log.has_record(self.iteration, "val/miou")
+                                        if self.ctx.is_main else None))
+
     def _after_step(self) -> None:
         cfg, it = self.cfg, self.iteration
-        last = it >= cfg.max_iters
-        if it % cfg.log_every == 0 or last:
+        if it % cfg.log_every == 0 or it >= cfg.max_iters:
+            self.watchdog.set_phase("log")
             self._log_train()
-        if (cfg.eval_every and it % cfg.eval_every == 0) or last:
+        if self._eval_due(it):
+            self.eval_pending = True  # in every checkpoint until the evaluation completes
+            if self._ckpt_due(it):  # saved first: a stop signal during a long evaluation loses no step
+                self.save_periodic()
             self._evaluate()
         if self.log.write_error:  # rank 0's log or pictures could not be written (a full disk)
             self._fail(self.log.write_error, FREE_SPACE)
-        self.stopped_by = self.stop.poll()
-        if (cfg.ckpt_every and it % cfg.ckpt_every == 0) or last or self.stopped_by:
+        polled = self.stop.poll()
+        self.stopped_by = self.stopped_by or polled
+        if self._ckpt_due(it) or self.stopped_by:
             self.save_periodic()
 
     def _check_finite(self, weights: bool = False) -> None:
@@ -428,12 +485,20 @@ class Trainer:
 
     def _evaluate(self) -> None:
         t0 = time.perf_counter()
+        self.watchdog.set_phase("eval")
         try:
-            cm = evaluate(self.predictor, self.val)
+            cm = evaluate(self.predictor, self.val, should_stop=lambda: self.stop.signum != 0,
+                          progress=self.watchdog.progress)
+        except EvaluationStopped:  # raised on every rank together; the next run evaluates this iteration again
+            self.stopped_by = self.stop.agree_now()
+            self.log.info(f"it {self.iteration}: evaluation stopped by {name(self.stopped_by)} after "
+                          f"{time.perf_counter() - t0:.1f}s; the same command evaluates it again when it resumes")
+            return
         except DataError as e:  # raised on every rank together: a val file failed to load, or a worker died
             self.save_periodic()
             advice = FEWER_WORKERS if "DataLoader worker" in str(e) else FIX_FILE
             raise DataError(self._resume_note(one_line(e), advice, saved=True), collective=True) from None
+        self.eval_pending = False
         result = cm.compute()
         miou = result["miou"] if result["miou"] is not None else 0.0
         is_best = miou > self.best_miou
@@ -447,6 +512,7 @@ class Trainer:
         if self.ctx.is_main and self.cfg.num_pictures:
             count = min(self.cfg.num_pictures, self.cfg.max_val_images or self.cfg.num_pictures)
             pictures = make_pictures(self.predictor, self.val_set, result, cm.mat.cpu().numpy(), count)
+            self.watchdog.progress()
             try:
                 pictures.save(self.out / "pictures" / f"iter_{self.iteration:08d}")
             except OSError as e:
@@ -573,6 +639,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     down."""
     set_determinism(cfg.deterministic)
     with du.session(cfg.device) as ctx:
+        du.agree(lambda: check_model_fits(cfg, ctx.device), ctx.control_group)
         start = initial_weights(cfg, ctx)  # a bad weight file stops here, before anything is written
         with own_directory(cfg.out_dir, ctx):
             return _train(cfg, ctx, start)
@@ -581,12 +648,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _train(cfg: TrainConfig, ctx: du.DistContext, start: Start | None) -> dict[str, Any]:
     """Resume, loop and tear down, in a run directory this run owns."""
     stop = StopFlag(ctx.control_group).install()
-    trainer = Trainer(cfg, ctx, stop, start)
+    watchdog = Watchdog(cfg.stall_timeout, cfg.out_dir, ctx.rank, ctx.world_size)
+    trainer = Trainer(cfg, ctx, stop, start, watchdog)
+    if cfg.stall_timeout:
+        watchdog.start()
     try:
         trainer.resume()
         with _explain_nondeterminism():
             return trainer.fit()
     finally:
+        watchdog.close()
         shutdown(trainer.loader)
         shutdown(trainer.val)
         trainer.log.close()

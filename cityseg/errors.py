@@ -48,9 +48,20 @@ def report_user_errors() -> Iterator[None]:
     try:
         yield
     except UserError as e:
-        if not e.collective or os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        if not e.collective or speaks():
             print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         if e.hard_exit:
             sys.stdout.flush()
             os._exit(2)
         raise SystemExit(2) from None
+
+
+def speaks() -> bool:
+    """True on the process that reports what every rank meets alike: rank 0, or any process whose RANK and
+    WORLD_SIZE are not a valid pair (so that a leftover ``RANK=1`` in a shell never silences an error)."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
+    world = os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
+    try:
+        return not (0 < int(rank) < int(world))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return True

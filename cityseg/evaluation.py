@@ -52,19 +52,31 @@ class Predictor:
 OnBatch = Callable[[list[int], torch.Tensor, torch.Tensor], None]
 
 
+class EvaluationStopped(Exception):
+    """A stop signal reached a rank during the evaluation, which every rank gave up together."""
+
+
 @torch.no_grad()
-def evaluate(predictor: Predictor, loader: Any, on_batch: OnBatch | None = None) -> ConfusionMatrix:
+def evaluate(predictor: Predictor, loader: Any, on_batch: OnBatch | None = None,
+             should_stop: Callable[[], bool] | None = None,
+             progress: Callable[[], None] | None = None) -> ConfusionMatrix:
     """Confusion matrix over this rank's shard, all-reduced over ranks; ``on_batch(indices, labels, pred)``
-    sees every prediction (for exports). A file that fails to load on any rank raises on every rank (after the
-    collective, so no rank is left waiting in it)."""
+    sees every prediction (for exports), ``progress()`` is told of every batch. A file that fails to load on any
+    rank raises on every rank (after the collective, so no rank is left waiting in it); so does
+    :class:`EvaluationStopped` when ``should_stop()`` said yes on any rank (checked before each batch)."""
     cm = ConfusionMatrix(NUM_CLASSES, predictor.device)
-    error = ""
+    error, stopped = "", False
     try:
         for images, labels, index in loader:
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
             pred = predictor(images)
             cm.update(pred, to_target(labels, predictor.device))
             if on_batch is not None:
                 on_batch(index.tolist(), labels, pred)
+            if progress is not None:
+                progress()
     except UserError as e:
         error = one_line(e)
     except RuntimeError as e:
@@ -72,9 +84,12 @@ def evaluate(predictor: Predictor, loader: Any, on_batch: OnBatch | None = None)
         if not error:
             raise
     cm.all_reduce()
-    failed = [m for m in du.all_gather_object(error) if m]
+    outcomes = du.all_gather_object((error, stopped))
+    failed = [m for m, _ in outcomes if m]
     if failed:
         raise DataError(str(failed[0]), collective=True)
+    if any(s for _, s in outcomes):
+        raise EvaluationStopped()
     return cm
 
 

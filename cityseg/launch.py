@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import os
 import re
 import signal
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", default="slurm_logs/%j", help="Where submitit writes logs and pickles "
                    "(%%j becomes the job id).")
     p.add_argument("--max-requeues", type=at_least(0), default=10, help="How many times a timed-out job may requeue.")
-    p.add_argument("--signal-delay-s", type=at_least(0), default=120, help="Seconds before the time limit that USR2 comes.")
+    p.add_argument("--signal-delay-s", type=at_least(0), default=120, help="Seconds before the time limit that USR2 "
+                   "comes (at most half of --timeout-min).")
     p.add_argument("--local", action="store_true", help="Run through submitit's local executor (no SLURM).")
     p.add_argument("--wait", action="store_true", help="Block until the job ends and print its result.")
     p.add_argument("--dry-run", action="store_true", help="Print the sbatch script instead of submitting.")
@@ -138,6 +140,25 @@ def executor_parameters(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
+def check_cluster_args(args: argparse.Namespace) -> None:
+    """Options that parse but cannot work together: USR2 due before the job could train, a log folder that
+    cannot be created."""
+    limit_s = args.timeout_min * 60
+    if args.signal_delay_s > limit_s / 2:
+        raise UserError(f"--signal-delay-s {args.signal_delay_s} leaves no time to train within --timeout-min "
+                        f"{args.timeout_min}: USR2 must come at most half the time limit before its end; pass "
+                        f"--timeout-min {math.ceil(2 * args.signal_delay_s / 60)} or more, or --signal-delay-s "
+                        f"{limit_s // 2} or less.")
+    parts = Path(args.folder).parts
+    fixed = Path(*parts[:next((i for i, c in enumerate(parts) if "%" in c), len(parts))]).absolute()  # before %j
+    existing = next(p for p in (fixed, *fixed.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--folder {args.folder}: {existing} is a file, not a directory, so the job's logs cannot "
+                        f"go there; pass a folder under a directory (default slurm_logs/%j).")
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"--folder {args.folder}: {existing} is not writable for you; pass a folder you can write.")
+
+
 def check_entry_args(script: str, argv: Sequence[str]) -> None:
     """Parse the entry point's options now, so a typo fails here and not hours later in the queue."""
     if script == "evaluate":
@@ -165,6 +186,7 @@ def submit(argv: Sequence[str] | None = None) -> int:
     """The slurm/submit.py command."""
     cluster, entry = split_argv(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(cluster)
+    check_cluster_args(args)
     check_entry_args(args.script, entry)
     if args.dry_run:
         print(sbatch_script(args))

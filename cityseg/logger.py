@@ -149,6 +149,19 @@ class RunLogger:
             self.info(f"{path}: dropped {cut} record(s) cut short by a write that failed (the checkpoint is "
                       f"complete; the steps after it are trained again)")
 
+    def has_record(self, iteration: int, key: str) -> bool:
+        """True when ``metrics.jsonl`` holds a complete record of ``iteration`` with ``key`` (where it is kept)."""
+        if not self.enabled or not self.metrics_path.is_file():
+            return False
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("iteration") == iteration and key in record:
+                return True
+        return False
+
     def advance(self) -> None:
         """Move the progress bar one iteration (a host-side counter: no device sync)."""
         if self.bar is not None:

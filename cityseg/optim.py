@@ -21,19 +21,31 @@ def lr_factor(it: int, cfg: TrainConfig) -> float:
     return decay
 
 
-def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
-    """The parameters in up to four groups: the encoder's (at ``--encoder-lr-mult`` times the learning rate)
-    and the rest, each split into 1-d parameters (norm weights, biases, layer scales) without weight decay
-    under ``--no-decay-norm-bias`` and the others. The group of the rest with decay comes first: its learning
-    rate is the one logged."""
-    encoder = {id(p) for p in model.encoder.parameters()} if hasattr(model, "encoder") else set()
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for p in model.parameters():
+def lr_scale(name: str, model: nn.Module, cfg: Any) -> float:
+    """The learning rate of parameter ``name`` relative to ``--lr``: ``--encoder-lr-mult`` for the encoder's, times
+    ``--layer-decay`` to the power of its stage's distance from the top (mmsegmentation's stage-wise rule: the
+    top, ``num_layers + 1``, is the decoder's and the heads', which get the full rate)."""
+    if not name.startswith("encoder."):
+        return 1.0
+    scale = cfg.encoder_lr_mult
+    if cfg.layer_decay < 1.0:
+        stage = model.encoder.stage_of(name[len("encoder."):])
+        scale *= cfg.layer_decay ** (cfg.layer_decay_num_layers + 1 - stage)
+    return scale
+
+
+def param_groups(cfg: Any, model: nn.Module) -> list[dict[str, Any]]:
+    """The parameters in groups of one learning-rate scale (:func:`lr_scale`) and weight decay each: 1-d
+    parameters (norm weights, biases, layer scales) without weight decay under ``--no-decay-norm-bias``. The
+    decoder's group with decay comes first: its learning rate is the one logged. ``cfg`` is a config or a saved
+    one's fields (resuming rebuilds the groups a checkpoint was written with)."""
+    groups: dict[tuple[bool, float, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault((id(p) in encoder, not cfg.decay_norm_bias and p.ndim <= 1), []).append(p)
-    return [{"params": params, "lr": cfg.lr * (cfg.encoder_lr_mult if in_encoder else 1.0),
-             "weight_decay": 0.0 if no_decay else cfg.weight_decay}
-            for (in_encoder, no_decay), params in sorted(groups.items())]
+            key = (name.startswith("encoder."), -lr_scale(name, model, cfg), not cfg.decay_norm_bias and p.ndim <= 1)
+            groups.setdefault(key, []).append(p)
+    return [{"params": params, "lr": -cfg.lr * neg_scale, "weight_decay": 0.0 if no_decay else cfg.weight_decay}
+            for (_, neg_scale, no_decay), params in sorted(groups.items())]
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:

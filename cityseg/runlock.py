@@ -109,8 +109,10 @@ class RunLock:
     """The lock of one run directory, held by this process between :meth:`acquire` and :meth:`release`."""
 
     def __init__(self, directory: str | Path, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S,
-                 say: Callable[[str], None] = print, on_lost: Callable[[str], None] | None = None):
+                 say: Callable[[str], None] = print, on_lost: Callable[[str], None] | None = None,
+                 flag: str = "--out-dir", kind: str = "training run"):
         self.dir = Path(directory)
+        self.flag, self.kind = flag, kind  # how the user names the directory, and what owns one
         self.path = self.dir / LOCK_NAME
         self.heartbeat_s, self.stale_s, self.say = heartbeat_s, stale_s, say
         self.on_lost = on_lost or _exit_lost
@@ -133,9 +135,9 @@ class RunLock:
             if verdict == "watch":
                 verdict = self._watch(holder, mtime)
             if verdict == "live":
-                raise RunLockError(f"--out-dir {self.dir}: another training run owns this directory "
+                raise RunLockError(f"{self.flag} {self.dir}: another {self.kind} owns this directory "
                                    f"({describe(holder)}); wait for it to end or stop it, or pass another "
-                                   f"--out-dir. If it is dead, delete {self.path} by hand.")
+                                   f"{self.flag}. If it is dead, delete {self.path} by hand.")
             if verdict == "dead" and self._break(holder):
                 self.say(f"took over {self.path} from a run that is gone ({describe(holder)})")
         self._thread = threading.Thread(target=self._beat, name="cityseg-run-lock", daemon=True)
@@ -239,7 +241,7 @@ class RunLock:
         while not self._stop.wait(self.heartbeat_s):
             current = self._read_record(self.path)
             if current.get("token") != self.record["token"]:
-                self.on_lost(f"--out-dir {self.dir}: this run lost {self.path} to another run "
+                self.on_lost(f"{self.flag} {self.dir}: this run lost {self.path} to another run "
                              f"({describe(current) if current else 'the file is gone'}), after no heartbeat for "
                              f"{self.stale_s:.0f} s; stopping before writing anything more.")
                 return
@@ -267,20 +269,22 @@ def _exit_lost(message: str) -> None:
 
 
 @contextlib.contextmanager
-def own_directory(directory: str | Path, ctx: du.DistContext) -> Iterator[None]:
+def own_directory(directory: str | Path, ctx: du.DistContext, flag: str = "--out-dir",
+                  kind: str = "training run") -> Iterator[None]:
     """Rank 0 creates ``directory`` and holds its lock for the duration; every rank raises
-    :class:`RunLockError` together if another run owns it. Collective: every rank enters it."""
+    :class:`RunLockError` together if another run owns it. Collective: every rank enters it. ``flag`` and
+    ``kind`` say in the messages how the user names the directory and what else owns one."""
     lock, error = None, None
     if ctx.is_main:
         try:
             Path(directory).mkdir(parents=True, exist_ok=True)
-            lock = RunLock(directory, stale_s=stale_seconds())
+            lock = RunLock(directory, stale_s=stale_seconds(), flag=flag, kind=kind)
             lock.acquire()
         except RunLockError as e:
             lock, error = None, str(e)
         except OSError as e:
-            lock, error = None, (f"--out-dir {directory}: cannot be created or written ({e.strerror or e}); "
-                                 f"fix its permissions or pass another --out-dir.")
+            lock, error = None, (f"{flag} {directory}: cannot be created or written ({e.strerror or e}); "
+                                 f"fix its permissions or pass another {flag}.")
     error = du.broadcast_object(error)
     if error:
         raise RunLockError(str(error))

@@ -22,8 +22,36 @@ def error_map(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, pred: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The image blended with its prediction in the Cityscapes palette."""
-    return cv2.addWeighted(image, 1 - alpha, colorize(pred), alpha, 0)
+    """The image blended with its prediction (H x W trainIds) in the Cityscapes palette, as uint8 RGB. The image
+    is RGB (or grey, or RGBA: the alpha is dropped), uint8 or floats in [0, 1] (what ``plt.imread`` gives)."""
+    rgb = _uint8_rgb(np.asarray(image))
+    pred = np.asarray(pred)
+    if pred.dtype.kind not in "ui":
+        raise ValueError(f"overlay: got a mask of {pred.dtype}; pass the trainIds predict gives (H x W uint8).")
+    if pred.shape != rgb.shape[:2]:
+        got = f"{pred.shape[0]}x{pred.shape[1]}" if pred.ndim == 2 else f"of shape {pred.shape}"
+        raise ValueError(f"overlay: the image is {rgb.shape[0]}x{rgb.shape[1]} but the mask is {got}; pass the "
+                         f"mask predicted for this image (predict gives it at the image's size).")
+    return cv2.addWeighted(rgb, 1 - alpha, colorize(pred), alpha, 0)
+
+
+def _uint8_rgb(image: np.ndarray) -> np.ndarray:
+    """H x W x 3 uint8 from an RGB, grey or RGBA image of uint8 or of floats in [0, 1]; anything else is refused."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"overlay: got an image of shape {image.shape}; pass H x W x 3 (RGB), H x W (grey) or "
+                         f"H x W x 4 (RGBA).")
+    image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[..., :3]
+    if image.dtype == np.uint8:
+        return np.ascontiguousarray(image)
+    if image.dtype.kind != "f":
+        raise ValueError(f"overlay: got an image of {image.dtype}; pass uint8 RGB (0-255) or floats in [0, 1].")
+    low, high = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
+    if not 0 <= low <= high <= 1:  # also NaN
+        raise ValueError(f"overlay: got a {image.dtype} image with values from {low:g} to {high:g}; pass floats in "
+                         f"[0, 1] (as plt.imread gives) or uint8 RGB (for 0-255: x.round().astype(np.uint8)).")
+    return (image.astype(np.float64) * 255).round().astype(np.uint8)
 
 
 def _titled(rgb: np.ndarray, title: str) -> np.ndarray:

@@ -77,7 +77,8 @@ TRAIN_BAD = {
     "amp": ["fp8", ""], "out_dir": [""], "seed": ["-1", str(2**32), "1.5"], "device": ["tpu", ""],
     "eval_every": ["-1"], "ckpt_every": ["-1"], "keep_ckpts": ["0"], "log_every": ["0"],
     "max_val_images": ["-1"], "num_pictures": ["-1"], "wandb": ["maybe", ""], "wandb_project": [""],
-    "wandb_entity": [], "run_name": [],
+    "wandb_entity": [], "run_name": [], "stall_timeout": ["-1", "nan", "x"], "drop_path": ["1", "-0.1", "x"],
+    "layer_decay": ["0", "1.5", "x"], "layer_decay_num_layers": ["3", "x"],
 }
 EVAL_BAD = {
     "checkpoint": [""], "data_root": [""], "split": ["", "a/b"], "out_dir": [], "workers": ["-1", "x"],
@@ -152,6 +153,8 @@ def test_a_bad_recipe_value_is_one_line_naming_the_field_and_the_recipe(script, 
     ("widht: 16\n", "unknown key(s) widht"),
     ("- 1\n", "expected a mapping"),
     ("width: [\n", "not valid YAML"),
+    ("lr: 0.1\nwidth: 8\nlr: 0.2\n", "lr is given twice (lines 1 and 3); keep one"),  # not the last silently
+    ("crop-size: 64x64\ncrop_size: 32x32\n", "crop_size is given twice"),
 ])
 def test_bad_recipes_are_one_line_errors(tmp_path, text, message, monkeypatch, capsys):
     recipe = tmp_path / "bad.yaml"
@@ -195,3 +198,29 @@ def test_the_flags_of_the_report_end_in_one_line_from_a_real_process(tmp_path):
 def test_eval_config_requires_checkpoint():
     with pytest.raises(ConfigError, match="--checkpoint: missing"):
         parse_config(["--data-root", "x"], EvalConfig)
+
+
+def test_recipes_take_the_spellings_help_shows(tmp_path, monkeypatch):
+    """YAML 1.1 reads off/on/yes/no as booleans: `amp: off` was False and refused. Recipes mean the text."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("amp: off\nwandb: off\ncompile: yes\ndeterministic: off\ndecay-norm-bias: false\n")
+    cfg = parse_config([*ROOT, "--config", str(recipe)])
+    assert (cfg.amp, cfg.wandb, cfg.compile, cfg.deterministic, cfg.decay_norm_bias) == ("off", "off", True, False,
+                                                                                         False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # --config ~/r.yaml, as every path flag expands ~
+    assert parse_config([*ROOT, "--config", "~/r.yaml"]).amp == "off"
+
+
+def test_options_the_model_does_not_use_are_said_to_be_ignored(capsys, tmp_path):
+    parse_config([*ROOT, "--encoder-weights", "none", "--decoder-channels", "8,8,8,8,8"])
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["note: --decoder-channels is ignored: --model unet has no pretrained encoder (it applies to the "
+                   "unet_<encoder> models)",
+                   "note: --encoder-weights is ignored: --model unet has no pretrained encoder (it applies to the "
+                   "unet_<encoder> models)"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("encoder-lr-mult: 0.1\n")
+    parse_config([*ROOT, "--config", str(recipe)])
+    assert capsys.readouterr().err.startswith("note: --encoder-lr-mult is ignored: --model unet has no")
+    parse_config([*ROOT, "--model", "unet_resnet18", "--encoder-weights", "none"])  # used: nothing said
+    assert capsys.readouterr().err == ""

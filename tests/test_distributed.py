@@ -86,6 +86,54 @@ def test_uneven_slurm_tasks_per_node_are_refused():
         du._check_slurm_tasks({"SLURM_STEP_NUM_TASKS": "7", "SLURM_STEP_TASKS_PER_NODE": "2(x2),3"})
 
 
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"RANK": "1"}, "RANK=1 but WORLD_SIZE is not set (so 1 process): a rank must be from 0 to 0"),
+    ({"RANK": "-1"}, "RANK=-1 but WORLD_SIZE is not set (so 1 process)"),
+    ({"RANK": "5", "WORLD_SIZE": "2"}, "RANK=5 but WORLD_SIZE=2: a rank must be from 0 to 1"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0: must be at least 1"),
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc': must be an integer"),
+    ({"LOCAL_RANK": "abc"}, "LOCAL_RANK='abc': must be an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "3"}, "LOCAL_RANK=3 does not fit RANK=0"),
+    ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "1"},
+     "LOCAL_WORLD_SIZE=1 does not fit LOCAL_RANK=1 and WORLD_SIZE=4"),
+])
+def test_inconsistent_launch_variables_are_one_line_naming_them(monkeypatch, env, said):
+    for name in LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(du.LaunchError) as e:
+        du._launch_env()
+    assert str(e.value).startswith(said) and not e.value.collective, str(e.value)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    assert du._launch_env() == (1, 0, 2)  # torchrun's second process of two on a second node: fine
+
+
+def test_a_leftover_rank_in_the_shell_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Each process that sees bad variables says so, even the errors every rank would meet alike (a bad flag
+    is printed by rank 0 only, and a leftover RANK=1 must not silence it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_entry", REPO / "train.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    for name in LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "run"
+    for extra, said in ((["--max-iters", "2"], "error: RANK=1 but WORLD_SIZE is not set"),
+                        (["--lr", "-1"], "error: --lr: got -1")):
+        with pytest.raises(SystemExit) as e:
+            entry.main(["--data-root", str(tmp_path), "--out-dir", str(out), *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(said) and err.count("\n") == 1, err
+    assert not out.exists()
+
+
 def test_a_host_whose_name_resolves_to_loopback_is_refused_when_ranks_span_hosts(monkeypatch):
     # Rank 0's check against a real store in which the other ranks published what they found for their own
     # names; rank 0 itself names its interface (this machine's own name may well resolve to loopback).

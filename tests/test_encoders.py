@@ -4,9 +4,15 @@ hash check, and the files a user gets wrong."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
+import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -134,8 +140,10 @@ def test_imagenet_weights_are_fetched_once_and_hash_checked(tmp_path, monkeypatc
                       source="test")
     torch.save({"x": torch.zeros(1)}, tmp_path / "server" / "other-0badc0de.pth")
     monkeypatch.setitem(ENCODERS, "resnet18", EncoderEntry(entry.build, entry.classifier, bad))
-    with pytest.raises(WeightsError, match=r"could not fetch .*invalid hash value"):
+    with pytest.raises(WeightsError, match=rf"the download of {bad.url} is not the official file \(SHA-256 "
+                                           rf"\w{{16}}\.\.\. instead of 0badc0de\.\.\.\); on a machine with internet"):
         create_encoder("resnet18", weights="imagenet")
+    assert list(cached.parent.iterdir()) == []  # neither the wrong file nor a temp file stays in the cache
 
 
 def test_wrong_weight_files_are_one_line_each(tmp_path):
@@ -180,3 +188,137 @@ def test_a_wrong_file_stops_train_py_before_anything_is_written(synthetic_root, 
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(f"error: {other}: not resnet18 weights (")
     assert not out.exists()
+
+
+# -- downloads that go wrong -----------------------------------------------------------------------------------
+class FakeServer:
+    """A TCP server on 127.0.0.1 that accepts every connection and answers with ``reply`` (nothing: never a byte),
+    then keeps it open until ``hold_s`` has passed, as a firewall that drops packets or a dead proxy does."""
+
+    def __init__(self, reply: bytes, hold_s: float = 8.0):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/resnet18-0123abcd.pth"
+        self.reply, self.hold_s, self.held = reply, hold_s, []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        self.sock.settimeout(0.1)
+        deadline = time.monotonic() + self.hold_s  # the connection closes then, so a client with no timeout ends too
+        while time.monotonic() < deadline:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            conn.recv(65536)  # the request
+            conn.sendall(self.reply)
+            self.held.append(conn)
+        for conn in self.held:
+            conn.close()
+        self.sock.close()
+
+
+def _point_resnet18_at(url, monkeypatch):
+    from cityseg.models.registry import EncoderEntry, WeightsFile
+
+    entry = ENCODERS["resnet18"]
+    official = WeightsFile(url=url, sha256="0123abcd", top1=0.0, source="test")
+    monkeypatch.setitem(ENCODERS, "resnet18", EncoderEntry(entry.build, entry.classifier, official))
+
+
+@pytest.mark.parametrize("reply, what", [
+    (b"", "stalled: no data for 1 s (CITYSEG_DOWNLOAD_TIMEOUT_S sets the wait)"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 3000,
+     "stalled after 3000 bytes: no data for 1 s (CITYSEG_DOWNLOAD_TIMEOUT_S sets the wait)"),
+    (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", "failed: the server answered HTTP 404 Not Found"),
+], ids=["silent", "stalls-mid-file", "http-404"])
+def test_a_download_that_stalls_or_fails_is_one_line_soon_and_leaves_nothing_in_the_cache(tmp_path, monkeypatch,
+                                                                                          reply, what):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("CITYSEG_DOWNLOAD_TIMEOUT_S", "1")
+    server = FakeServer(reply)
+    _point_resnet18_at(server.url, monkeypatch)
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    began = time.monotonic()
+    with pytest.raises(WeightsError) as e:
+        create_encoder("resnet18", weights="imagenet")
+    assert time.monotonic() - began < 5  # the server holds the connection for 8 s
+    assert str(e.value) == (f"--encoder-weights imagenet: the download of {server.url} {what}; on a machine with "
+                            f"internet, download {server.url} and copy it to {cache / 'resnet18-0123abcd.pth'} (or "
+                            f"run `python -m cityseg.models.weights resnet18` there and copy the file), or pass the "
+                            f"file's path with --encoder-weights.")
+    assert list(cache.iterdir()) == []  # no partial file
+
+
+def test_a_refused_connection_and_a_torch_home_under_a_file_are_one_line_each(tmp_path, monkeypatch):
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    _point_resnet18_at(f"http://127.0.0.1:{port}/resnet18-0123abcd.pth", monkeypatch)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with pytest.raises(WeightsError, match=rf"the download of http://127.0.0.1:{port}/\S+ failed: connection refused; "
+                                           rf"on a machine with internet"):
+        create_encoder("resnet18", weights="imagenet")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setenv("TORCH_HOME", str(afile / "torch"))
+    with pytest.raises(WeightsError) as e:
+        create_encoder("resnet18", weights="imagenet")
+    assert str(e.value) == (f"TORCH_HOME={afile / 'torch'}: cannot create the weights cache {afile}/torch/hub/"
+                            f"checkpoints ({afile} is a file, not a directory); point TORCH_HOME at a directory, or "
+                            f"pass the weight file's path with --encoder-weights.")
+
+
+# -- files that are not weight files -----------------------------------------------------------------------------
+def test_a_safetensors_header_is_checked_against_the_file_size_before_the_data_is_read(tmp_path):
+    # A 4 GiB (sparse) file whose header claims one 4 GiB tensor: it is refused for its key, and mapped, not read.
+    big = tmp_path / "big.safetensors"
+    header = json.dumps({"conv1.weight": {"dtype": "F32", "shape": [2**30], "data_offsets": [0, 2**32]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(big, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + 2**32)
+    child = ("import sys, time; from pathlib import Path; from cityseg.models.weights import load_encoder_weights\n"
+             "def kib(key): return int(next(x for x in open('/proc/self/status') if x.startswith(key)).split()[1])\n"
+             "rss, t = kib('VmRSS:'), time.monotonic()\n"
+             "try:\n    load_encoder_weights(Path(sys.argv[1]), 'resnet18')\n"
+             "except Exception as e:\n    print(e)\n"
+             "print(kib('VmHWM:') - rss, time.monotonic() - t)\n")
+    proc = subprocess.run([sys.executable, "-c", child, str(big)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    message, numbers = proc.stdout.splitlines()
+    grown_kib, seconds = int(numbers.split()[0]), float(numbers.split()[1])
+    assert message.startswith(f"{big}: not resnet18 weights (") and "of another shape, first: conv1.weight " \
+        "(1073741824,) instead of (64, 3, 7, 7)" in message, proc.stdout + proc.stderr
+    assert grown_kib < 256 * 1024 and seconds < 10, (grown_kib, seconds)  # the old reader grew by 4-12 GiB
+    # A header length of 2**63 (a bit flipped, or another format) is not a header, whatever follows it.
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes((2**63).to_bytes(8, "little") + b"{}")
+    with pytest.raises(WeightsError) as e:
+        create_encoder("resnet18", weights=flipped)
+    assert str(e.value) == (f"{flipped}: not a complete safetensors file (its first 8 bytes give a header of "
+                            f"{2**63} bytes, but the file has 10 bytes and safetensors allows 100 MB).")
+
+
+def test_unreadable_files_say_what_they_are_and_never_advise_weights_only_false(tmp_path):
+    from cityseg.checkpoint import CheckpointError, load
+
+    zeros, text, objects = tmp_path / "zeros.pth", tmp_path / "notes.pth", tmp_path / "namespace.pth"
+    zeros.write_bytes(bytes(4096))  # a file whose data never reached the disk
+    text.write_text("see https://download.pytorch.org/models/\n")
+    torch.save({"args": argparse.Namespace(lr=0.1)}, objects)
+    for path, what in [(zeros, "filled with zero bytes, not a torch or safetensors file"),
+                       (text, "a text file, not a torch or safetensors file"),
+                       (objects, "a torch file of Python objects, not of plain tensors; cityseg does not load those, "
+                                 "as that can run code")]:
+        with pytest.raises(WeightsError) as e:
+            create_encoder("resnet18", weights=path)
+        assert str(e.value) == (f"{path}: not a readable weight file ({what}); pass a torchvision .pth or a timm "
+                                f".safetensors/.bin file.")
+        with pytest.raises(CheckpointError) as e:  # the checkpoint reader says the same
+            load(path)
+        assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+        assert str(e.value).startswith(f"{path}: not a readable cityseg checkpoint ({what.split(',')[0]}, ")
+    with pytest.raises(WeightsError) as e:
+        create_encoder("resnet18", weights=tmp_path)
+    assert str(e.value) == (f"--encoder-weights {tmp_path}: is a directory; pass the weight file in it (a torchvision "
+                            f".pth or a timm .safetensors/.bin file), imagenet, or none.")

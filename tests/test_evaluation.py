@@ -232,3 +232,35 @@ def test_multiscale_tta_is_the_mean_of_resize_model_resize_back():
     assert out.shape == (1, 3, 37, 61)
     single = predict(ScaleProbe(), x, InferenceMode(flip=True), 3)  # and the scales matter for this model
     assert (out - single).abs().max() > 0.05
+
+
+def test_a_second_writer_of_an_export_dir_is_refused_and_writes_nothing(trained, synthetic_root, tmp_path, capsys):
+    """Two `evaluate.py --official` into one --export-dir would mix their PNGs, and score the mix."""
+    from cityseg.runlock import RunLock
+
+    export = tmp_path / "pred"
+    export.mkdir()
+    holder = RunLock(export, flag="--export-dir", kind="evaluate.py writing predictions")
+    holder.acquire()  # a live evaluation on this host owns it
+    try:
+        proc = _evaluate(trained, synthetic_root, tmp_path / "out", "--official", "--export-dir", str(export),
+                         check=False)
+    finally:
+        holder.release()
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: --export-dir {export}: another evaluate.py writing predictions owns this "
+                                  f"directory (host "), proc.stderr
+    assert f"pid {holder.record['pid']}," in proc.stderr
+    assert list(export.iterdir()) == [] and not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_an_official_score_that_differs_from_ours_by_more_than_1e6_is_a_failure(synthetic_root, tmp_path):
+    from cityseg.eval_job import OutputError, _check_official
+    from cityseg.export import official_scores
+
+    gts = sorted((synthetic_root / "gtFine" / "val").glob("*/*_gtFine_labelIds.png"))
+    official = official_scores(gts, gts)  # the ground truth as predictions: the official script's own figure
+    _check_official({"miou": official["miou"] - 5e-7, "official": official}, tmp_path)  # rounding: fine
+    with pytest.raises(OutputError) as e:
+        _check_official({"miou": official["miou"] - 2e-6, "official": official}, tmp_path)
+    assert f"the PNGs in {tmp_path} are not all this evaluation's" in str(e.value) and "2.0e-06" in str(e.value)

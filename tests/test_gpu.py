@@ -1,7 +1,8 @@
 """The CUDA path (tests marked ``gpu``; they skip without CUDA, and those that need two GPUs skip with one).
 
-Run them on a GPU machine with ``bash scripts/gpu_check.sh`` (which also runs bench/gpu.py), or
-``python -m pytest -m gpu tests``. Tolerances are stated where they are used.
+Run them on a GPU machine with ``bash scripts/gpu_check.sh [--quick]`` (which runs them in phases, most likely
+to find a defect first, then bench/gpu.py; ``--list`` shows which test runs in which phase), or
+``python -m pytest -m gpu tests/test_gpu.py``. Tolerances are stated where they are used.
 """
 
 from __future__ import annotations
@@ -195,7 +196,8 @@ def _syncbn_worker(rank: int, port: int, out: str) -> None:
         model, ddp = build_model_for(TrainConfig(width=8), ctx)
         kinds = {type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
         x = torch.randn(2, 3, 64, 64, device=ctx.device).contiguous(memory_format=torch.channels_last)
-        ddp(x).float().sum().backward()  # warm-up: NCCL communicators, DDP's buckets
+        for _ in range(2):  # warm-up: NCCL communicators; DDP rebuilds its buckets on the second forward, with a
+            ddp(x).float().sum().backward()  # host copy (Reducer::rebuild_buckets -> sync_bucket_indices)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # CUDASyncBatchNorm over NCCL: no host synchronisation
         try:
@@ -334,30 +336,44 @@ def test_no_host_synchronisation_inside_the_training_step(tree, tmp_path, recipe
 @pytest.fixture(scope="module")
 def full_res(tmp_path_factory):
     """A width-16 model trained briefly on 256x512 crops, and 2 val images of 1024x2048."""
+    workers = os.cpu_count() or 1
     root = write_tree(tmp_path_factory.mktemp("full_res"), num_train=8, num_val=2, num_test=0, size=(1024, 2048),
-                      seed=1, workers=os.cpu_count() or 1)
+                      seed=1, workers=workers)
     out = tmp_path_factory.mktemp("full_res_run")
+    # loader workers on all cores (up to 8): 150 steps of 8 crops decode 1200 full-resolution images
     run_script("train.py", ["--data-root", str(root), "--out-dir", str(out), "--width", "16", "--crop-size",
-                            "256x512", *GPU, "--max-iters", "150", "--batch-size", "8", "--eval-every", "0",
-                            "--optimizer", "adamw", "--lr", "0.003", "--amp", "bf16"], timeout=600)
+                            "256x512", *GPU, "--workers", str(min(8, workers)), "--max-iters", "150",
+                            "--batch-size", "8", "--eval-every", "0", "--optimizer", "adamw", "--lr", "0.003",
+                            "--amp", "bf16"], timeout=600)
     return root, out / "last.pt"
 
 
-def _predictions(root, checkpoint, out, *extra):
-    run_script("evaluate.py", ["--checkpoint", str(checkpoint), "--data-root", str(root), "--out-dir", str(out),
-                               "--device", "cuda", "--workers", "2", "--num-pictures", "0", "--export-dir",
-                               str(out / "pred"), *extra])
-    return {p.name: p for p in sorted((out / "pred").iterdir())}
+@pytest.fixture(scope="module")
+def predictions(full_res, tmp_path_factory):
+    """``get(run, *flags)``: the PNGs evaluate.py exports with ``flags`` in a process of its own, by file name; each
+    named run is made once per module (the byte test reuses the whole-image bf16 run)."""
+    root, checkpoint = full_res
+    runs: dict[tuple[str, ...], dict] = {}
+
+    def get(run: str, *extra: str) -> dict:
+        key = (run, *extra)
+        if key not in runs:
+            out = tmp_path_factory.mktemp(f"eval_{run}")
+            run_script("evaluate.py", ["--checkpoint", str(checkpoint), "--data-root", str(root), "--out-dir",
+                                       str(out), "--device", "cuda", "--workers", "2", "--num-pictures", "0",
+                                       "--export-dir", str(out / "pred"), *extra])
+            runs[key] = {p.name: p for p in sorted((out / "pred").iterdir())}
+        return runs[key]
+    return get
 
 
 @pytest.mark.parametrize("mode", [[], ["--mode", "slide", "--window", "512x1024", "--stride", "341x683", "--tta",
                                        "flip"]], ids=["whole", "slide-flip"])
-def test_full_resolution_bf16_evaluation_agrees_with_fp32(full_res, tmp_path, mode):
+def test_full_resolution_bf16_evaluation_agrees_with_fp32(predictions, mode):
     import cv2
 
-    root, checkpoint = full_res
-    bf16 = _predictions(root, checkpoint, tmp_path / "bf16", "--amp", "bf16", *mode)
-    fp32 = _predictions(root, checkpoint, tmp_path / "fp32", "--amp", "off", *mode)
+    bf16 = predictions("bf16", "--amp", "bf16", *mode)
+    fp32 = predictions("fp32", "--amp", "off", *mode)
     assert sorted(bf16) == sorted(fp32) and len(bf16) == 2
     for name in bf16:
         a, b = (cv2.imread(str(p[name]), cv2.IMREAD_UNCHANGED) for p in (bf16, fp32))
@@ -365,10 +381,21 @@ def test_full_resolution_bf16_evaluation_agrees_with_fp32(full_res, tmp_path, mo
         assert (a == b).mean() >= 0.995, (name, (a == b).mean())
 
 
-def test_exported_pngs_are_byte_identical_between_bf16_runs(full_res, tmp_path):
-    root, checkpoint = full_res
-    first = _predictions(root, checkpoint, tmp_path / "a", "--amp", "bf16")
-    second = _predictions(root, checkpoint, tmp_path / "b", "--amp", "bf16")
-    assert sorted(first) == sorted(second)
+def test_exported_pngs_agree_between_two_bf16_runs(predictions):
+    # evaluate.py autotunes cuDNN (cudnn.benchmark), so two processes may pick different convolution algorithms,
+    # whose bf16 results differ in the last bits, and a briefly trained net has near-tie pixels whose argmax then
+    # flips: bitwise equality is not promised. So: at least 99.9% of the pixels equal (bf16 against fp32, a far
+    # larger perturbation, is held to 99.5%; an image exported under another's name, or shifted by a pixel, agrees
+    # on far less), and byte-identical files wherever the predictions are (the PNG writer adds nothing that varies).
+    import cv2
+
+    first = predictions("bf16", "--amp", "bf16")
+    second = predictions("bf16-again", "--amp", "bf16")
+    assert sorted(first) == sorted(second) and len(first) == 2
     for name in first:
-        assert first[name].read_bytes() == second[name].read_bytes(), name
+        a, b = (cv2.imread(str(p[name]), cv2.IMREAD_UNCHANGED) for p in (first, second))
+        differ = int((a != b).sum())
+        report(f"two bf16 evaluations, two processes: {name}: {differ} of {a.size} pixels differ")
+        assert a.shape == b.shape == (1024, 2048) and differ <= 0.001 * a.size, (name, differ)
+        if differ == 0:
+            assert first[name].read_bytes() == second[name].read_bytes(), name

@@ -57,6 +57,9 @@ MAX_ITERS = 4
 RECIPES = {
     "ce+aux+accum+ema": dict(aux_weight=0.4, accum_steps=2, ema_decay=0.9),
     "ohem+aux+accum+fp16": dict(loss="ohem", ohem_min_kept=3000, aux_weight=0.4, accum_steps=2, amp="fp16"),
+    "encoder+drop-path+layer-decay+ema": dict(model="unet_resnet18", encoder_weights="none",
+                                             decoder_channels="16,16,8,8,8", drop_path=0.3, layer_decay=0.8,
+                                             ema_decay=0.9),
 }
 
 

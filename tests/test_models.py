@@ -135,18 +135,6 @@ def test_every_registered_model_trains_resumes_evaluates_and_exports(synthetic_r
         assert len(written) == 1 and written[0].stat().st_size > 0, name
 
 
-def test_resuming_with_another_model_is_refused(synthetic_root, tmp_path):
-    from conftest import run_script, train_args
-
-    out = tmp_path / "run"
-    run_script("train.py", train_args(synthetic_root, out, "--max-iters", "1", "--eval-every", "0"))
-    proc = run_script("train.py", train_args(synthetic_root, out, "--max-iters", "2", "--model", "unet_resnet18",
-                                             "--encoder-weights", "none"), check=False)
-    assert proc.returncode == 2 and proc.stderr.strip() == (
-        f"error: {out / 'last.pt'} was trained with --model unet but this run asks for unet_resnet18; use the same "
-        f"model, or a new --out-dir to start a fresh run."), proc.stderr
-
-
 # -- encoder U-Nets under DDP, the moving average ------------------------------------------------------------------
 def _encoder_args(root, out, *extra):
     from conftest import TINY
@@ -166,7 +154,7 @@ def test_two_processes_of_two_train_like_one_of_four_with_a_pretrained_encoder_a
     weights = tmp_path / "resnet18.pth"
     torch.save(recipe_state_dict(keys, 0), weights)
     args = ["--max-iters", "3", "--eval-every", "0", "--encoder-weights", str(weights), "--encoder-lr-mult", "0.1",
-            "--no-decay-norm-bias"]
+            "--no-decay-norm-bias", "--drop-path", "0.3", "--layer-decay", "0.8"]
     run_script("train.py", _encoder_args(synthetic_root, tmp_path / "one", *args, "--batch-size", "4"))
     run_script("train.py", _encoder_args(synthetic_root, tmp_path / "two", *args, "--batch-size", "2"), nproc=2)
     a, b = ckpt.load(tmp_path / "one" / "last.pt"), ckpt.load(tmp_path / "two" / "last.pt")
@@ -178,10 +166,12 @@ def test_two_processes_of_two_train_like_one_of_four_with_a_pretrained_encoder_a
     start = recipe_state_dict(keys, 0)["layer4.1.conv2.weight"]  # the encoder started from the file's weights
     assert (a["model"]["encoder.layer4.1.conv2.weight"] - start).abs().max() < 0.05 * start.abs().max()
     groups = a["optimizer"]["param_groups"]
-    # decoder with decay, decoder's 1-d parameters, encoder with decay, encoder's 1-d parameters
-    assert [(g["initial_lr"], g["weight_decay"]) for g in groups] == [(0.02, 5e-4), (0.02, 0.0), (0.002, 5e-4),
-                                                                       (0.002, 0.0)]
-    assert all(p.dim() <= 1 for g in (1, 3) for p in _group_shapes(a, g))
+    # decoder with decay, decoder's 1-d parameters, then each encoder stage's two from layer4 (0.1 x 0.8^3) down to
+    # the stem (0.1 x 0.8^7): --layer-decay with mmsegmentation's default top of num_layers 6 + 1
+    expected = [(0.02, 5e-4), (0.02, 0.0)] + [(0.02 * 0.1 * 0.8 ** (7 - stage), wd) for stage in (4, 3, 2, 1, 0)
+                                               for wd in (5e-4, 0.0)]
+    assert [(pytest.approx(g["initial_lr"], rel=1e-12), g["weight_decay"]) for g in groups] == expected
+    assert all(p.dim() <= 1 for g in range(1, len(groups), 2) for p in _group_shapes(a, g))
 
 
 def _group_shapes(state, group):
@@ -194,7 +184,7 @@ def test_a_stopped_run_with_ema_resumes_bitwise(synthetic_root, tmp_path):
     from conftest import run_script, start_training, wait_for_iteration
 
     args = ["--max-iters", "8", "--batch-size", "2", "--eval-every", "4", "--ckpt-every", "3", "--log-every", "1",
-            "--encoder-weights", "none"]
+            "--encoder-weights", "none", "--drop-path", "0.3", "--layer-decay", "0.8"]
     run_script("train.py", _encoder_args(synthetic_root, tmp_path / "whole", *args))
     out = tmp_path / "split"
     with open(tmp_path / "first.log", "w") as log:
@@ -287,3 +277,52 @@ def test_init_from_starts_a_new_run_from_the_weights_and_refuses_another_models(
 
 
 REPO_FIXTURES = __import__("conftest").REPO / "tests" / "fixtures" / "encoders"
+
+
+# -- stochastic depth (--drop-path) ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, blocks", [("unet_resnet18", 8), ("unet_resnet50", 16), ("unet_convnext_tiny", 18)])
+def test_drop_path_rises_linearly_over_the_encoders_blocks_as_in_timm(name, blocks):
+    from cityseg.models import create_model
+    from cityseg.models.common import DropPath, set_drop_path
+
+    model = create_model(name, decoder_channels=SMALL_DECODER)
+    rates = set_drop_path(model, 0.4)
+    # timm: torch.linspace(0, rate, sum(depths)) for ConvNeXt, rate * i / (n - 1) for ResNet
+    assert rates == pytest.approx(torch.linspace(0, 0.4, blocks).tolist(), abs=1e-7)
+    assert [m.p for m in model.modules() if isinstance(m, DropPath)] == rates
+    assert not any(isinstance(m, DropPath) for m in model.decoder.modules())
+    before = set(create_model(name, decoder_channels=SMALL_DECODER).state_dict())
+    assert set(model.state_dict()) == before  # no new weights: ImageNet files and checkpoints load as before
+
+
+def test_drop_path_drops_whole_samples_as_timm_does_and_only_in_training():
+    from cityseg.models.common import DropPath
+
+    block = DropPath()
+    block.p = 0.25
+    x = torch.randn(64, 3, 4, 5)
+    torch.manual_seed(0)
+    ours = block(x)
+    torch.manual_seed(0)  # timm's drop_path(x, 0.25, training=True), written out
+    mask = x.new_empty((64, 1, 1, 1)).bernoulli_(0.75)
+    assert torch.equal(ours, x * mask.div_(0.75))
+    kept = (ours != 0).flatten(1)
+    assert (kept.all(1) | ~kept.any(1)).all()  # each sample's branch whole or dropped
+    assert 5 <= int((~kept.any(1)).sum()) <= 28  # about a quarter of 64
+    block.eval()
+    assert block(x) is x  # evaluation, and so ONNX exports: the identity
+
+
+def test_ranks_drop_the_branches_of_the_samples_one_process_would():
+    from cityseg.models.common import DropPath
+
+    x = torch.randn(6, 2, 3, 3)
+    whole = DropPath()
+    whole.p = 0.5
+    torch.manual_seed(3)
+    expected = whole(x)
+    for rank, part in enumerate(x.split(3)):  # 2 processes of 3 samples, every rank's generator alike
+        block = DropPath()
+        block.p, block.rank, block.world = 0.5, rank, 2
+        torch.manual_seed(3)
+        assert torch.equal(block(part), expected[3 * rank:3 * rank + 3])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import shutil
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from cityseg import checkpoint as ckpt
 from cityseg.signals import StopFlag
-from conftest import (MAX_ITERS, REPO, TINY, assert_same_training_state, run_script, script_command, start_training,
-                      tiny_trainer, train_args, wait_for_iteration, worker_pid)
+from conftest import (MAX_ITERS, REPO, TINY, assert_same_training_state, run_metrics, run_script, script_command,
+                      start_training, tiny_trainer, train_args, wait_for_iteration, worker_pid)
 from wandb_log import read_run
 
 
@@ -328,3 +330,121 @@ def test_no_permission_while_saving_is_one_line_through_train_py(synthetic_root)
     finally:
         (base / "run").chmod(0o755)
         shutil.rmtree(base)
+
+
+# -- what a resumed run may change (cityseg.resume) ------------------------------------------------------------
+QUIET = dict(eval_every=0, num_pictures=0, max_val_images=1)
+
+
+def _trained(root, out, **settings):
+    """A tiny in-process run to ``max_iters`` (one process), returning its last checkpoint."""
+    trainer = tiny_trainer(root, out, **{**QUIET, **settings})
+    trainer.resume()
+    trainer.fit()
+    return ckpt.load(out / "last.pt")
+
+
+def test_optimizer_settings_changed_on_resume_take_effect_and_each_parameter_keeps_its_state(synthetic_root,
+                                                                                             tmp_path):
+    out = tmp_path / "run"
+    saved = _trained(synthetic_root, out, max_iters=4)  # SGD 0.01, momentum 0.9, wd 5e-4 on every parameter
+    names = [n for n, _ in tiny_trainer(synthetic_root, tmp_path / "x").model.named_parameters()]
+    saved_buffer = {n: saved["optimizer"]["state"][i]["momentum_buffer"] for i, n in enumerate(names)}
+    trainer = tiny_trainer(synthetic_root, out, **QUIET, max_iters=8, lr=0.5, momentum=0.5, weight_decay=0.1,
+                           decay_norm_bias=False)
+    trainer.resume()
+    lr_now = 0.5 * (1 - 4 / 8) ** 0.9  # the new --lr at the poly factor of iteration 4 of 8 (no warmup)
+    for group in trainer.optimizer.param_groups:
+        one_d = all(p.ndim <= 1 for p in group["params"])
+        assert group["lr"] == pytest.approx(lr_now, rel=1e-12) and group["momentum"] == 0.5
+        assert group["weight_decay"] == (0.0 if one_d else 0.1)  # --no-decay-norm-bias: two groups now
+    assert len(trainer.optimizer.param_groups) == 2
+    for name, p in trainer.model.named_parameters():  # carried over per parameter into the new groups
+        assert torch.equal(trainer.optimizer.state[p]["momentum_buffer"], saved_buffer[name]), name
+    trainer.fit()
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/lr"] for r in logged if r["iteration"] == 8 and "train/lr" in r] == [0.0]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["lr"], config["momentum"], config["weight_decay"]) == (0.5, 0.5, 0.1)
+
+
+def test_the_encoder_learning_rate_multiplier_takes_effect_on_resume(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    model = dict(model="unet_resnet18", encoder_weights="none", decoder_channels="16,16,8,8,8")
+    _trained(synthetic_root, out, max_iters=2, encoder_lr_mult=0.1, **model)
+    trainer = tiny_trainer(synthetic_root, out, **QUIET, **model, max_iters=4, encoder_lr_mult=0.5)
+    trainer.resume()
+    encoder = {id(p) for p in trainer.model.encoder.parameters()}
+    factor = (1 - 2 / 4) ** 0.9
+    for group in trainer.optimizer.param_groups:
+        in_encoder = id(group["params"][0]) in encoder
+        assert group["lr"] == pytest.approx(0.01 * (0.5 if in_encoder else 1.0) * factor, rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def ema_run(synthetic_root, tmp_path_factory):
+    """A 2-iteration run with a moving average, whose directory the refusal tests resume (and never change)."""
+    out = tmp_path_factory.mktemp("ema_run")
+    _trained(synthetic_root, out, max_iters=2, ema_decay=0.9)
+    return out
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"optimizer": "adamw"}, "--optimizer: this run was started with --optimizer sgd"),
+    ({"seed": 5}, "--seed: this run was started with --seed 0"),
+    ({"init_from": "/tmp/other.pt"}, "--init-from: this run was started with --init-from ''"),
+    ({"width": 16}, "--width: this run was started with --width 8"),
+    ({"model": "unet_resnet18", "encoder_weights": "none"}, "--model: this run was started with --model unet"),
+    ({"aux_weight": 0.4}, "--aux-weight: this run was started with --aux-weight 0.0"),
+    ({"ema_decay": 0.0}, "pass --ema-decay 0.9 (or another non-zero decay) to keep it"),
+])
+def test_settings_that_cannot_change_on_resume_are_refused_naming_the_value_the_run_started_with(
+        synthetic_root, ema_run, change, said):
+    before = {p.name: p.stat().st_mtime_ns for p in ema_run.iterdir()}
+    trainer = tiny_trainer(synthetic_root, ema_run, **QUIET, **{"max_iters": 4, "ema_decay": 0.9, **change})
+    with pytest.raises(ckpt.CheckpointError) as e:
+        trainer.resume()
+    assert said in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert str(ema_run / "last.pt") in str(e.value)
+    assert {p.name: p.stat().st_mtime_ns for p in ema_run.iterdir() if p.name in before} == before
+
+
+def test_sigterm_during_an_evaluation_saves_first_stops_promptly_and_the_next_run_evaluates_again(
+        synthetic_root, tmp_path, monkeypatch):
+    from cityseg.evaluation import Predictor
+
+    settings = dict(max_iters=6, eval_every=4, ckpt_every=4, num_pictures=0)
+    predicted = []
+    predict = Predictor.__call__
+
+    def slow_val_set(self, images):
+        predicted.append(1)
+        if len(predicted) == 2:  # a real SIGTERM in the middle of the evaluation of iteration 4
+            os.kill(os.getpid(), signal.SIGTERM)
+        return predict(self, images)
+
+    monkeypatch.setattr(Predictor, "__call__", slow_val_set)
+    out = tmp_path / "run"
+
+    def run(directory):
+        trainer = tiny_trainer(synthetic_root, directory, **settings)
+        trainer.stop.install()
+        try:
+            trainer.resume()
+            return trainer.fit()
+        finally:
+            trainer.stop.restore()
+
+    assert run(out)["stopped_by"] == signal.SIGTERM
+    assert len(predicted) == 2  # stopped at the next image, not after all 5
+    assert ckpt.load(out / "last.pt")["iteration"] == 4  # written before the evaluation began
+    assert "val/miou" not in (out / "metrics.jsonl").read_text()
+    assert "evaluation stopped by SIGTERM" in (out / "train.log").read_text()
+    assert run(out)["stopped_by"] == 0  # the same command: evaluates iteration 4 again, then trains on
+    evaluated = [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                 if "val/miou" in line]
+    assert evaluated == [4, 6]
+    run(tmp_path / "uninterrupted")
+    a, b = ckpt.load(out / "last.pt"), ckpt.load(tmp_path / "uninterrupted" / "last.pt")
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    assert run_metrics(out) == run_metrics(tmp_path / "uninterrupted")

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -149,3 +150,34 @@ def test_a_request_that_can_never_start_is_reported_and_cancelled(synthetic_root
     assert exceeds in proc.stderr and proc.stderr.strip().endswith("It was cancelled.")
     queue = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], capture_output=True, text=True).stdout.strip()
     assert queue in ("", "CANCELLED", "COMPLETING"), queue
+
+
+def test_a_stopped_task_is_found_by_the_watchdog_and_the_job_requeues_and_resumes(synthetic_root, tmp_path):
+    """A task of a submitit job stops (SIGSTOP: what a hung file system looks like): the other task ends within
+    --stall-timeout, requeues the job, and the requeued job resumes from the last checkpoint to the end."""
+    out, max_iters = tmp_path / "run", 120
+    submit([*CPU_TASKS, "--folder", str(tmp_path / "logs" / "%j")],
+           _train_args(synthetic_root, out, "--max-iters", str(max_iters), "--ckpt-every", "10", "--log-every", "5",
+                       "--stall-timeout", "5"))
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until training is under way
+        rows = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        if rows and json.loads(rows[-1])["iteration"] >= 20:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the job did not start training in time")
+    rank1 = int(re.search(r"rank 1 on \S+ \(cpu, pid (\d+)\)", (out / "train.log").read_text()).group(1))
+    os.kill(rank1, signal.SIGSTOP)
+    deadline = time.time() + 600
+    while time.time() < deadline and "done:" not in (out / "train.log").read_text():
+        time.sleep(2)
+    log = (out / "train.log").read_text()
+    assert "done:" in log, log
+    said = [line for line in log.splitlines() if "stalled:" in line]
+    assert len(said) == 1 and f"rank 1 (" in said[0] and f"pid {rank1}) stopped responding" in said[0], log
+    assert "requeued SLURM job" in said[0], said[0]
+    assert (out / "stalls" / "rank0.txt").is_file()
+    resumed = re.search(r"Resumed from \S+ at iteration (\d+)", log)
+    assert resumed and int(resumed.group(1)) % 10 == 0, log
+    assert load(out / "last.pt")["iteration"] == max_iters

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..common import DropPath
 from ..registry import WeightsFile, register_encoder
 
 _HF = "https://huggingface.co/timm/{}/resolve/main/model.safetensors"
@@ -42,11 +43,12 @@ class ConvNeXtBlock(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, 4 * dim)
         self.gamma = nn.Parameter(torch.full((dim,), 1e-6))
+        self.drop_path = DropPath()  # after the layer scale, before the residual sum (timm's place)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv_dw(x).permute(0, 2, 3, 1)
         y = self.mlp(self.norm(y)).permute(0, 3, 1, 2)
-        return x + y * self.gamma.reshape(1, -1, 1, 1)
+        return x + self.drop_path(y * self.gamma.reshape(1, -1, 1, 1))
 
 
 class ConvNeXtStage(nn.Module):
@@ -74,6 +76,14 @@ class ConvNeXtEncoder(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def stage_of(name: str) -> int:
+        """The stage a parameter belongs to, for ``--layer-decay``, as mmsegmentation's stage-wise rule for ConvNeXt
+        counts them: 0 for the stem and for every downsampling layer between stages, N + 1 for the blocks of
+        stage N."""
+        parts = name.split(".")
+        return int(parts[1]) + 1 if parts[0] == "stages" and parts[2] == "blocks" else 0
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..common import DropPath
 from ..registry import WeightsFile, register_encoder
 
 _URL = "https://download.pytorch.org/models/"
@@ -28,10 +29,11 @@ class BasicBlock(nn.Module):
         self.conv2 = _conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
+        self.drop_path = DropPath()  # on the residual branch, before the shortcut is added (timm's place)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.drop_path(self.bn2(self.conv2(out)))
         return self.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
@@ -50,11 +52,12 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.drop_path = DropPath()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = self.drop_path(self.bn3(self.conv3(out)))
         return self.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
@@ -84,6 +87,11 @@ class ResNetEncoder(nn.Module):
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @staticmethod
+    def stage_of(name: str) -> int:
+        """The stage a parameter belongs to, for ``--layer-decay``: 0 for the stem, N for layerN."""
+        return int(name[5]) if name.startswith("layer") else 0
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.relu(self.bn1(self.conv1(x)))
