@@ -24,6 +24,10 @@ class CheckpointError(UserError):
     """A checkpoint cannot be written, read or used with this config."""
 
 
+class BareWeightsError(CheckpointError):
+    """A file of model weights alone (a state dict) where a checkpoint written by train.py belongs."""
+
+
 def save(state: dict[str, Any], path: str | Path) -> None:
     """Write ``state`` to ``path`` atomically: a temp file in the same directory, fsync, then rename.
 
@@ -130,6 +134,8 @@ def find_resumable(out_dir: str | Path, warn: Callable[[str], None]) -> tuple[Pa
     for path in candidates:
         try:
             return path, load(path)
+        except BareWeightsError:
+            raise  # weights someone put there, not a damaged checkpoint: say so, and do not pass it by
         except CheckpointError as e:
             failures.append(str(e))
             warn(f"warning: {e} Trying the next newest checkpoint.")
@@ -161,6 +167,8 @@ def _fsync_dir(directory: Path) -> None:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` (no arbitrary code runs)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; pass a checkpoint file in it, such as {path / LAST}.")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file.")
     try:
@@ -170,6 +178,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
 
         raise CheckpointError(f"{path}: not a readable cityseg checkpoint ({unreadable(path, e)}); "
                               f"it may be truncated or from another program.") from e
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BareWeightsError(f"{path}: a bare state dict (model weights alone), not a checkpoint written by "
+                               f"cityseg's train.py; to train from these weights, pass --init-from {path} with a "
+                               f"new --out-dir (a run directory holding it cannot resume: move it out of there).",
+                               collective=True)
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a cityseg checkpoint (no 'model' entry).")
     return state

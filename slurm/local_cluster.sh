@@ -216,7 +216,9 @@ JobRequeue=1
 SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
-KillWait=30
+# Seconds between a job's SIGTERM and its SIGKILL (default 30): cityseg's tiny test jobs save in well under a
+# second, and a task that cannot take a signal (a stopped one, as in the stall watchdog's test) goes in 5 s.
+KillWait=5
 MinJobAge=300
 Waittime=0
 EOF

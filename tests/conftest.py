@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -18,6 +19,9 @@ from cityseg import checkpoint as ckpt
 from cityseg.synthetic import write_tree
 
 REPO = Path(__file__).resolve().parent.parent
+# One thread, as every train.py and evaluate.py the tests start (OMP_NUM_THREADS=1): runs in this process and in
+# subprocesses then compute alike, bit for bit.
+torch.set_num_threads(1)
 # Never talk to the W&B servers from tests, whatever the developer's login.
 os.environ["WANDB_MODE"] = "offline"
 os.environ.pop("WANDB_API_KEY", None)
@@ -58,14 +62,152 @@ def script_command(script: str, args: list[str], nproc: int = 0, max_restarts: i
     return cmd, env
 
 
-def run_script(script: str, args: list[str], nproc: int = 0, timeout: float = 300,
-               check: bool = True) -> subprocess.CompletedProcess:
-    """Run train.py/evaluate.py to completion and return its output."""
-    cmd, env = script_command(script, args, nproc)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def entry_point(name: str):
+    """train.py or evaluate.py as a module, to call its ``main(argv)`` in this process (``name``: train or
+    evaluate)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"cityseg_entry_{name}", REPO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(name: str, argv: list[str], capsys) -> tuple[int, str]:
+    """Run an entry point's ``main(argv)`` in this process: (exit status, stderr)."""
+    status = 0
+    try:
+        entry_point(name).main(argv)
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+    return status, capsys.readouterr().err
+
+
+def run_script(script: str, args: list[str], nproc: int = 0, timeout: float = 300, check: bool = True,
+               isolated: bool = False) -> subprocess.CompletedProcess:
+    """Run train.py/evaluate.py to completion and return its status and output. As ``python script`` (or torchrun
+    with ``nproc`` processes) when ``isolated`` (the launcher or the process itself is what the test is about)
+    or when W&B logs; otherwise through the script's own ``main``: in this process, or in ``nproc`` processes
+    forked from it that meet in a real gloo process group through MASTER_ADDR/MASTER_PORT, as srun's tasks do
+    (no interpreter start-up and imports for each run; the same code, one thread as in the subprocesses)."""
+    wandb = "--wandb" in args and args[args.index("--wandb") + 1] != "off"
+    if isolated or wandb:
+        cmd, env = script_command(script, args, nproc)
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    elif nproc:
+        proc = _run_forked(script, args, nproc, timeout)
+    else:
+        proc = _run_in_process(script, args)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(f"{' '.join(map(str, proc.args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _run_forked(script: str, args: list[str], nproc: int, timeout: float) -> subprocess.CompletedProcess:
+    """``main(args)`` of the script in ``nproc`` forked processes, ranks of one job; their outputs concatenated in
+    rank order, the status the first non-zero one."""
+    import multiprocessing
+    import tempfile
+
+    port, logs = free_port(), Path(tempfile.mkdtemp(prefix="cityseg-ranks-"))
+    ranks = [multiprocessing.get_context("fork").Process(target=_forked_rank,
+                                                         args=(script, list(map(str, args)), r, nproc, port, logs))
+             for r in range(nproc)]
+    for p in ranks:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in ranks:
+        p.join(max(1.0, deadline - time.monotonic()))
+    for p in ranks:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    codes = [p.exitcode for p in ranks]
+    out = "".join((logs / f"{r}.out").read_text(errors="replace") for r in range(nproc))
+    err = "".join((logs / f"{r}.err").read_text(errors="replace") for r in range(nproc))
+    shutil_rmtree(logs)
+    status = next((c for c in codes if c), 0)
+    return subprocess.CompletedProcess([script, *args, f"(forked, {nproc} ranks)"], status, out, err)
+
+
+def _forked_rank(script: str, args: list[str], rank: int, world: int, port: int, logs: Path) -> None:
+    """One rank: the launch variables a launcher sets, its output into files (native writes too), ``main``."""
+    for name in [k for k in os.environ if k.startswith(("TORCHELASTIC_", "SLURM_"))]:
+        del os.environ[name]
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    out, err = open(logs / f"{rank}.out", "w"), open(logs / f"{rank}.err", "w")
+    os.dup2(out.fileno(), 1)
+    os.dup2(err.fileno(), 2)
+    sys.stdout, sys.stderr = out, err
+    os.chdir(REPO)
+    status = 0
+    try:
+        entry_point(script.removesuffix(".py")).main(args)
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:  # a traceback, as a launcher's worker would print it
+        import traceback
+
+        traceback.print_exc()
+        status = 1
+    out.flush()
+    err.flush()
+    os._exit(status)
+
+
+def run_submit(argv: list[str]) -> subprocess.CompletedProcess:
+    """``python slurm/submit.py argv`` as that script's two lines in this process, its output captured."""
+    import contextlib
+    import io
+
+    from cityseg.errors import report_user_errors
+    from cityseg.launch import submit
+
+    out, err, status = io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), report_user_errors():
+            status = submit(list(argv))
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else int(e.code is not None)
+    return subprocess.CompletedProcess(["slurm/submit.py", *argv], status, out.getvalue(), err.getvalue())
+
+
+def shutil_rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def spawn(fn, args: tuple, nprocs: int = 2) -> None:
+    """``torch.multiprocessing.spawn`` of ``fn(rank, *args)``, the processes forked from this one (no interpreter
+    start-up and imports for each)."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="fork")
+
+
+def _run_in_process(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``python script args`` as its ``main(args)`` in this process, its output captured, its signal handlers and
+    the working directory put back afterwards."""
+    import contextlib
+    import io
+    import signal
+
+    out, err, status = io.StringIO(), io.StringIO(), 0
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            entry_point(script.removesuffix(".py")).main(list(map(str, args)))
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        os.chdir(cwd)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess([script, *args], status, out.getvalue(), err.getvalue())
 
 
 MAX_ITERS = 24
@@ -141,6 +283,47 @@ def start_training(args, nproc, max_restarts=0, log=None, **popen) -> subprocess
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, **popen)
 
 
+# -- the quick tier: every module of cityseg/ must run some of its code -----------------------------------------
+PACKAGE = REPO / "cityseg"
+_reached: set[str] = set()
+
+
+def _tracer(frame, event, arg):
+    """Records the files of the functions called: not a module's or a class's own body (import), and no line
+    tracing (little overhead)."""
+    code = frame.f_code
+    if code.co_flags & inspect.CO_NEWLOCALS and code.co_filename.startswith(str(PACKAGE)):
+        _reached.add(code.co_filename)
+    return None
+
+
+def pytest_configure(config):
+    if os.environ.get("CITYSEG_QUICK"):  # scripts/test.sh --quick
+        import threading
+
+        sys.settrace(_tracer)
+        threading.settrace(_tracer)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under --quick, a module of cityseg/ none of whose functions ran in the test process fails the tier."""
+    if not os.environ.get("CITYSEG_QUICK") or exitstatus != 0:
+        return
+    sys.settrace(None)
+    modules = {str(p) for p in PACKAGE.rglob("*.py") if _defines_functions(p)}
+    missed = sorted(str(Path(p).relative_to(REPO)) for p in modules - _reached)
+    if missed:
+        print(f"\nquick tier: no function of {', '.join(missed)} ran; add a quick test that goes through it",
+              file=sys.stderr)
+        session.exitstatus = 1
+
+
+def _defines_functions(path: Path) -> bool:
+    import ast
+
+    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(ast.parse(path.read_text())))
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU-marked tests skip cleanly on machines without CUDA."""
     import torch
@@ -207,6 +390,19 @@ def assert_matches_reference(metrics: dict, expected: dict) -> None:
         a, b = metrics["iou"][name], expected["iou"][name]
         assert (a is None and b is None) or abs(a - b) < 1e-9, (name, a, b)
     assert abs(metrics["miou"] - expected["miou"]) < 1e-9 and abs(metrics["pixel_acc"] - expected["pixel_acc"]) < 1e-9
+
+
+@pytest.fixture(scope="session")
+def trained(synthetic_root, tmp_path_factory) -> Path:
+    """A checkpoint of a small U-Net trained in this process long enough to predict several classes, with an
+    auxiliary head (which evaluation leaves out) and a moving average of its weights (which evaluation uses)."""
+    out = tmp_path_factory.mktemp("trained")
+    trainer = tiny_trainer(synthetic_root, out, max_iters=30, batch_size=4, optimizer="adamw", lr=0.01,
+                           eval_every=0, num_pictures=0, max_val_images=1, aux_weight=0.4, ema_decay=0.5)
+    trainer.fit()
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert "aux_head.weight" in state["model"] and state["ema"]
+    return out / "last.pt"
 
 
 def tiny_trainer(root: Path, out: Path, ctx=None, **overrides):

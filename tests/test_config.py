@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import pytest
 import yaml
 
 from cityseg.config import CONFIG_DIR, ConfigError, EvalConfig, TrainConfig, build_parser, from_dict, parse_config
-from conftest import REPO
+from conftest import REPO, entry_point, run_main
 
 ROOT = ["--data-root", "/data/cityscapes"]
 
@@ -51,13 +50,6 @@ def test_reference_recipe_is_the_reference():
 
 
 # -- the sweep: every field, a bad value of every kind, through the real entry points --------------------------
-def _entry(name: str):
-    spec = importlib.util.spec_from_file_location(f"cityseg_entry_{name}", REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 LIST = [1, 2]  # the wrong type for every field, in a recipe
 # Bad command-line values of each field: wrong type, out of range, empty. String fields that take any text
 # (paths, names) have none; their wrong type is tried in a recipe like every other field's.
@@ -105,7 +97,7 @@ def _cases(script: str, table: dict[str, list[str]]):
 
 def _one_line_error(script: str, argv: list[str], monkeypatch, capsys) -> str:
     """Run the entry point's main() on ``argv``; it must exit 2 with one stderr line and start nothing."""
-    module = _entry(script)
+    module = entry_point(script)
     for target in ("train", "run_evaluation"):
         if hasattr(module, target):  # reaching the job means the bad value got through
             monkeypatch.setattr(module, target, lambda cfg: pytest.fail(f"{argv} was accepted: {cfg}"))
@@ -171,12 +163,13 @@ def test_bad_recipes_are_one_line_errors(tmp_path, text, message, monkeypatch, c
     (["--config", "/nonexistent.yaml"], "error: --config: got '/nonexistent.yaml', no such file"),
     (["--device", "cuda", "--out-dir", "{tmp}"], "error: --device: got 'cuda' but no CUDA GPU is visible"),
 ])
+@pytest.mark.quick
 def test_other_mistakes_are_one_line(argv, message, tmp_path, monkeypatch, capsys):
     import torch
 
     if "cuda" in argv and torch.cuda.is_available():
         pytest.skip("a CUDA GPU is visible")
-    module = _entry("train")
+    module = entry_point("train")
     if "cuda" not in argv:
         monkeypatch.setattr(module, "train", lambda cfg: pytest.fail("accepted"))
     with pytest.raises(SystemExit) as e:
@@ -185,13 +178,15 @@ def test_other_mistakes_are_one_line(argv, message, tmp_path, monkeypatch, capsy
     assert e.value.code == 2 and err.strip().splitlines() == [err.strip()] and err.startswith(message), err
 
 
-def test_the_flags_of_the_report_end_in_one_line_from_a_real_process(tmp_path):
-    # The four that used to end in tracebacks from inside torch and numpy, as a user runs them.
+def test_the_flags_of_the_report_end_in_one_line_from_a_real_process(tmp_path, capsys):
+    # The four that used to end in tracebacks from inside torch and numpy: one as a user runs it, in a process of
+    # its own, and all four through train.py's main.
+    proc = subprocess.run([sys.executable, "train.py", *ROOT, "--out-dir", str(tmp_path / "run"), "--lr", "-1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr == "error: --lr: got -1.0; must be a finite number > 0\n", proc.stderr
     for flag in ("--lr", "--weight-decay", "--poly-power", "--seed"):
-        proc = subprocess.run([sys.executable, "train.py", *ROOT, "--out-dir", str(tmp_path / "run"), flag, "-1"],
-                              cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-        assert proc.stderr.startswith(f"error: {flag}: got -1"), proc.stderr
+        status, err = run_main("train", [*ROOT, "--out-dir", str(tmp_path / "run"), flag, "-1"], capsys)
+        assert status == 2 and err.count("\n") == 1 and err.startswith(f"error: {flag}: got -1"), err
     assert not (tmp_path / "run").exists()  # nothing was created
 
 
@@ -200,6 +195,7 @@ def test_eval_config_requires_checkpoint():
         parse_config(["--data-root", "x"], EvalConfig)
 
 
+@pytest.mark.quick
 def test_recipes_take_the_spellings_help_shows(tmp_path, monkeypatch):
     """YAML 1.1 reads off/on/yes/no as booleans: `amp: off` was False and refused. Recipes mean the text."""
     recipe = tmp_path / "r.yaml"

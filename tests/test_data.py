@@ -150,6 +150,7 @@ def test_too_few_images_for_one_global_batch():
         TrainSampler(5, 4, 2, 0)
 
 
+@pytest.mark.quick
 def test_eval_sharding_covers_every_image_exactly_once():
     for n in (5, 6, 1):
         for world in (1, 2, 3, 4):
@@ -229,6 +230,7 @@ BREAKS = [_break_missing_label, _break_missing_image, _break_truncated, _break_e
           _break_root, _break_layout]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("breaker", BREAKS, ids=lambda f: f.__name__[7:])
 def test_bad_input_is_one_clear_error(tree, breaker):
     path, message = breaker(tree)

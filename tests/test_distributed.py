@@ -20,7 +20,7 @@ from cityseg import distributed as du
 from cityseg.data import check_shared_memory
 from cityseg.errors import DataError
 from cityseg.precision import amp_dtype, has_bf16_units
-from conftest import REPO, TINY, free_port
+from conftest import REPO, TINY, entry_point, free_port
 
 
 def test_each_process_takes_its_own_gpu_or_the_only_one_it_sees():
@@ -100,6 +100,7 @@ LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "SLURM_ST
     ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "1"},
      "LOCAL_WORLD_SIZE=1 does not fit LOCAL_RANK=1 and WORLD_SIZE=4"),
 ])
+@pytest.mark.quick
 def test_inconsistent_launch_variables_are_one_line_naming_them(monkeypatch, env, said):
     for name in LAUNCH_VARS:
         monkeypatch.delenv(name, raising=False)
@@ -113,14 +114,11 @@ def test_inconsistent_launch_variables_are_one_line_naming_them(monkeypatch, env
     assert du._launch_env() == (1, 0, 2)  # torchrun's second process of two on a second node: fine
 
 
+@pytest.mark.quick
 def test_a_leftover_rank_in_the_shell_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
     """Each process that sees bad variables says so, even the errors every rank would meet alike (a bad flag
     is printed by rank 0 only, and a leftover RANK=1 must not silence it)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_entry", REPO / "train.py")
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
+    entry = entry_point("train")
     for name in LAUNCH_VARS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("RANK", "1")

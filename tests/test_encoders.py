@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from cityseg.models import ENCODERS, create_encoder
 from cityseg.models.weights import WeightsError
-from conftest import REPO, TINY
+from conftest import REPO, TINY, run_script
 from encoder_recipe import recipe_state_dict
 
 FIXTURES = REPO / "tests" / "fixtures" / "encoders"
@@ -146,6 +146,7 @@ def test_imagenet_weights_are_fetched_once_and_hash_checked(tmp_path, monkeypatc
     assert list(cached.parent.iterdir()) == []  # neither the wrong file nor a temp file stays in the cache
 
 
+@pytest.mark.quick
 def test_wrong_weight_files_are_one_line_each(tmp_path):
     other = tmp_path / "resnet50.pth"
     torch.save(recipe_weights("resnet50"), other)
@@ -182,9 +183,8 @@ def test_a_wrong_file_stops_train_py_before_anything_is_written(synthetic_root, 
     other = tmp_path / "resnet50.pth"
     torch.save(recipe_weights("resnet50"), other)
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "train.py", "--data-root", str(synthetic_root), "--out-dir", str(out),
-                           *TINY, "--model", "unet_resnet18", "--encoder-weights", str(other)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_script("train.py", ["--data-root", str(synthetic_root), "--out-dir", str(out), *TINY, "--model",
+                                   "unet_resnet18", "--encoder-weights", str(other)], check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(f"error: {other}: not resnet18 weights (")
     assert not out.exists()

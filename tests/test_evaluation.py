@@ -20,18 +20,6 @@ from conftest import TINY, assert_matches_reference, reference_scores, run_scrip
 from wandb_log import read_run
 
 
-@pytest.fixture(scope="module")
-def trained(synthetic_root, tmp_path_factory) -> Path:
-    """A checkpoint trained long enough to predict several classes, with an auxiliary head (which evaluation
-    leaves out)."""
-    out = tmp_path_factory.mktemp("trained")
-    run_script("train.py", ["--data-root", str(synthetic_root), "--out-dir", str(out), *TINY, "--max-iters", "30",
-                            "--batch-size", "4", "--optimizer", "adamw", "--lr", "0.01", "--eval-every", "0",
-                            "--num-pictures", "0", "--aux-weight", "0.4"])
-    assert "aux_head.weight" in torch.load(out / "last.pt", weights_only=True)["model"]
-    return out / "last.pt"
-
-
 def _evaluate(trained, root, out, *extra, nproc=0, check=True):
     return run_script("evaluate.py", ["--checkpoint", str(trained), "--data-root", str(root), "--out-dir", str(out),
                                       "--workers", "0", "--device", "cpu", "--num-pictures", "2", *extra],
@@ -166,6 +154,7 @@ def test_window_starts_cover_and_end_flush():
     assert window_starts(3, 4, 3) == [0]
 
 
+@pytest.mark.quick
 def test_overlapping_windows_cover_every_pixel_and_average():
     x = torch.arange(1 * 1 * 7 * 9, dtype=torch.float32).view(1, 1, 7, 9)
     mode = InferenceMode("slide", window=(4, 5), stride=(2, 3))
@@ -254,6 +243,7 @@ def test_a_second_writer_of_an_export_dir_is_refused_and_writes_nothing(trained,
     assert list(export.iterdir()) == [] and not (tmp_path / "out" / "metrics.json").exists()
 
 
+@pytest.mark.quick
 def test_an_official_score_that_differs_from_ours_by_more_than_1e6_is_a_failure(synthetic_root, tmp_path):
     from cityseg.eval_job import OutputError, _check_official
     from cityseg.export import official_scores

@@ -20,7 +20,7 @@ from cityseg import checkpoint as ckpt
 from cityseg.config import ConfigError, EvalConfig, parse_config
 from cityseg.data import CityscapesDataset
 from cityseg.errors import DataError
-from conftest import REPO, TINY, run_metrics, run_script, start_training, wait_for_iteration
+from conftest import REPO, TINY, run_main, run_metrics, run_script, run_submit, start_training, wait_for_iteration
 
 ARGS = ["--batch-size", "2", "--lr", "0.05", "--log-every", "1", "--num-pictures", "0", "--seed", "4"]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root (CI runs as root)")
@@ -60,14 +60,6 @@ def uninterrupted(synthetic_root, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("faults_uninterrupted")
     run_script("train.py", _train_args(synthetic_root, out, *DISK_RUN))
     return run_metrics(out)
-
-
-@pytest.fixture(scope="module")
-def trained(synthetic_root, tmp_path_factory) -> Path:
-    """A checkpoint of a 2-iteration run, for the evaluate.py cases."""
-    out = tmp_path_factory.mktemp("faults_run")
-    run_script("train.py", _train_args(synthetic_root, out, "--max-iters", "2", "--eval-every", "0"))
-    return out / "last.pt"
 
 
 # -- zero-byte files -----------------------------------------------------------------------------------------
@@ -221,18 +213,26 @@ def test_the_table_is_printed_even_when_a_write_fails_afterwards(synthetic_root,
 
 
 # -- checkpoints that are not what they seem -----------------------------------------------------------------
-def test_a_last_pt_with_only_model_weights_is_one_line(synthetic_root, trained, tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
+@pytest.mark.parametrize("what", ["weights-in-a-dict", "bare-state-dict"])
+def test_a_last_pt_with_only_model_weights_is_one_line(synthetic_root, trained, tmp_path, capsys, what):
     import torch
 
-    torch.save({"model": ckpt.load(trained)["model"]}, out / "last.pt")  # weights saved by hand
-    proc = run_script("train.py", _train_args(synthetic_root, out, "--max-iters", "2"), check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"error: {out / 'last.pt'}: holds model weights but not the training state a resume needs (no config, "
-        f"optimizer, scheduler, scaler, ...); it was not written by cityseg's train.py, or by another version. "
-        f"Move it out of {out} to start a fresh run there, or start from its weights in another directory with "
-        f"--init-from {out / 'last.pt'}."], proc.stderr
+    out = tmp_path / "run"
+    out.mkdir()
+    weights = ckpt.load(trained)["model"]
+    torch.save({"model": weights} if what == "weights-in-a-dict" else weights, out / "last.pt")  # saved by hand
+    before = (out / "last.pt").read_bytes()
+    status, err = run_main("train", _train_args(synthetic_root, out, "--max-iters", "2"), capsys)
+    last = out / "last.pt"
+    expected = (f"error: {last}: holds model weights but not the training state a resume needs (no config, "
+                f"optimizer, scheduler, scaler, ...); it was not written by cityseg's train.py, or by another "
+                f"version. Move it out of {out} to start a fresh run there, or start from its weights in another "
+                f"directory with --init-from {last}." if what == "weights-in-a-dict" else
+                f"error: {last}: a bare state dict (model weights alone), not a checkpoint written by cityseg's "
+                f"train.py; to train from these weights, pass --init-from {last} with a new --out-dir (a run "
+                f"directory holding it cannot resume: move it out of there).")
+    assert status == 2 and err.strip().splitlines() == [expected], err
+    assert (out / "last.pt").read_bytes() == before
 
 
 # -- --images ------------------------------------------------------------------------------------------------
@@ -358,9 +358,7 @@ def test_a_sigkilled_dataloader_worker_stops_the_run_at_a_completed_step(synthet
 @pytest.mark.parametrize("flag, value, allowed", [("--nodes", "0", ">= 1"), ("--gpus-per-node", "-1", ">= 0"),
                                                  ("--timeout-min", "0", ">= 1")])
 def test_submit_checks_its_cluster_options(tmp_path, flag, value, allowed):
-    proc = subprocess.run([os.sys.executable, "slurm/submit.py", flag, value, "--dry-run", "--folder",
-                           str(tmp_path), "--", "--data-root", "x"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    proc = run_submit([flag, value, "--dry-run", "--folder", str(tmp_path), "--", "--data-root", "x"])
     assert proc.returncode == 2 and proc.stderr == f"error: {flag}: got '{value}'; must be an integer {allowed}\n"
 
 

@@ -132,6 +132,21 @@ sys.meta_path.insert(0, _NotOnTheGPUMachines())
 '''
 
 
+#: Runs each ``[script, *args]`` of the JSON list in argv[1] as ``python script args`` would, in turn.
+RUN_SCRIPTS = """
+import json, runpy, sys
+statuses = []
+for script, *args in json.loads(sys.argv[1]):
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(script, run_name="__main__")
+        statuses.append(0)
+    except SystemExit as e:
+        statuses.append(e.code if isinstance(e.code, int) else int(e.code is not None))
+print("statuses", statuses)
+"""
+
+
 def test_what_the_gpu_check_runs_needs_no_wandb_submitit_or_jupyter(synthetic_root, tmp_path):
     site = tmp_path / "site"
     site.mkdir()
@@ -152,11 +167,13 @@ def test_what_the_gpu_check_runs_needs_no_wandb_submitit_or_jupyter(synthetic_ro
     collected = run("-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu", *ids)
     assert collected.returncode == 0 and "17 tests collected" in collected.stdout, collected.stdout + collected.stderr
     out = tmp_path / "run"
-    train = run("train.py", "--data-root", str(synthetic_root), "--out-dir", str(out), *TINY, "--max-iters", "2",
-                "--eval-every", "2", "--num-pictures", "0")
-    assert train.returncode == 0, train.stderr
-    evaluate = run("evaluate.py", "--checkpoint", str(out / "last.pt"), "--data-root", str(synthetic_root),
-                   "--device", "cpu", "--workers", "0", "--num-pictures", "0", "--out-dir", str(tmp_path / "eval"),
-                   "--export-dir", str(tmp_path / "pred"))
-    assert evaluate.returncode == 0 and len(list((tmp_path / "pred").rglob("*.png"))) == 5, evaluate.stderr
-    assert run("bench/gpu.py", "--help").returncode == 0
+    # train.py, evaluate.py and bench/gpu.py --help one after the other in one interpreter, each as `python script`
+    scripts = [["train.py", "--data-root", str(synthetic_root), "--out-dir", str(out), *TINY, "--max-iters", "2",
+                "--eval-every", "2", "--num-pictures", "0"],
+               ["evaluate.py", "--checkpoint", str(out / "last.pt"), "--data-root", str(synthetic_root), "--device",
+                "cpu", "--workers", "0", "--num-pictures", "0", "--out-dir", str(tmp_path / "eval"), "--export-dir",
+                str(tmp_path / "pred")],
+               ["bench/gpu.py", "--help"]]
+    ran = run("-c", RUN_SCRIPTS, json.dumps(scripts))
+    assert ran.returncode == 0 and ran.stdout.splitlines()[-1] == "statuses [0, 0, 0]", ran.stdout + ran.stderr
+    assert len(list((tmp_path / "pred").rglob("*.png"))) == 5

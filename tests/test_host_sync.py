@@ -14,12 +14,12 @@ import json
 import os
 import traceback
 
+import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import free_port, tiny_trainer
+from conftest import free_port, spawn, tiny_trainer
 
 #: ATen calls that read a device value back to the host (or whose output size depends on values).
 SYNC_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::equal",
@@ -89,8 +89,9 @@ def _worker(rank: int, port: int, root: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.quick
 def test_no_host_synchronisation_between_log_intervals(synthetic_root, tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(synthetic_root), str(tmp_path)), nprocs=2, join=True)
+    spawn(_worker, (free_port(), str(synthetic_root), str(tmp_path)))
     for rank in range(2):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for name, result in results.items():

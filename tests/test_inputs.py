@@ -43,6 +43,7 @@ def _within(seconds: float, fn: Callable[..., Any], *args: Any) -> Any:
 REAL = ("1.png", "2.png", "3.jpg", "a/1.png", "a/2.png", "a/b/deep.png", "c/x.bmp", "c/y.PNG")
 
 
+@pytest.mark.quick
 def test_a_glob_over_symlink_loops_finds_each_real_file_once(tmp_path):
     photos = tmp_path / "photos"
     real = _touch(photos, *REAL)

@@ -16,17 +16,20 @@ import pytest
 from cityseg import launch
 from cityseg.errors import UserError
 from cityseg.launch import executor_parameters, build_parser, split_argv
-from conftest import REPO
+from conftest import REPO, run_submit
 
 
-def submit(cluster_args, entry_args):
+def submit(cluster_args, entry_args, real_process=False):
+    """slurm/submit.py as a user runs it (``real_process``), or its main in this process."""
+    if not real_process:
+        return run_submit([*cluster_args, "--", *entry_args])
     return subprocess.run([sys.executable, "slurm/submit.py", *cluster_args, "--", *entry_args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 
 def test_generated_script_for_two_nodes_of_four_gpus(tmp_path):
     proc = submit(["--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--timeout-min", "90",
-                   "--folder", str(tmp_path / "%j"), "--dry-run"], ["--data-root", "x"])
+                   "--folder", str(tmp_path / "%j"), "--dry-run"], ["--data-root", "x"], real_process=True)
     script = proc.stdout
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
                  "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "#SBATCH --time=90", "#SBATCH --partition=gpu"):
@@ -35,6 +38,7 @@ def test_generated_script_for_two_nodes_of_four_gpus(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.quick
 def test_one_task_per_gpu_by_default():
     args = build_parser().parse_args(split_argv(["--gpus-per-node", "8", "--", "--lr", "1"])[0])
     assert executor_parameters(args)["tasks_per_node"] == 8
@@ -82,6 +86,7 @@ def test_a_folder_under_a_regular_file_is_one_line_before_anything_is_submitted(
     (["--timeout-min", "4"], None),  # USR2 two minutes in, two minutes before the end
     (["--timeout-min", "1", "--signal-delay-s", "30"], None),
 ], ids=["1-min", "3-min", "4-min", "1-min-30-s"])
+@pytest.mark.quick
 def test_a_signal_delay_not_well_inside_the_time_limit_is_refused(tmp_path, capsys, cluster_args, refused):
     argv = [*cluster_args, "--folder", str(tmp_path / "%j"), "--dry-run", "--", "--data-root", "x"]
     if refused is None:
@@ -221,3 +226,21 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.quick
+def test_what_a_partition_cannot_give_is_said_in_words():
+    """What slurm/submit.py says of a job that can never start, from the partition's limits (the SLURM tests
+    reach it through a real pending job)."""
+    from cityseg.pending import Partition, _gpus, _minutes, what_exceeds
+
+    part = Partition("gpu", nodes=4, max_nodes=2, cpus_per_node=64, gpus_per_node=_gpus("gpu:a100:8(S:0-1)"),
+                     max_time_min=_minutes("2-00:00:00"))
+    assert (part.gpus_per_node, part.max_time_min) == (8, 2880)
+    job = dict(nodes=2, tasks_per_node=8, cpus_per_task=8, gpus_per_node=8, timeout_min=60)
+    assert what_exceeds({**job, "nodes": 3}, part) == "it asks for 3 nodes but partition gpu gives at most 2; lower --nodes"
+    assert what_exceeds({**job, "cpus_per_task": 10}, part) == (
+        "it asks for 8 tasks x 10 CPUs = 80 CPUs on each node but the nodes of partition gpu have 64; lower "
+        "--tasks-per-node or --cpus-per-task")
+    assert what_exceeds({**job, "timeout_min": 3000}, part).startswith("it asks for 3000 minutes but partition gpu "
+                                                                       "allows 2880")

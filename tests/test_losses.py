@@ -9,10 +9,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from cityseg.losses import hard_pixels, kth_largest, ohem_sum
-from conftest import free_port
+from conftest import free_port, spawn
 
 IGNORE = 255
 # Two images of five pixels, three classes. The probability each pixel gives its true class; None = ignored.
@@ -56,6 +55,7 @@ CASES = [
 ]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("thresh, min_kept, kept", CASES)
 def test_ohem_keeps_the_hand_computed_pixels(thresh, min_kept, kept):
     logits, target = _batch()
@@ -99,7 +99,7 @@ def _global_data():
 
 
 def test_the_selection_is_made_over_the_global_batch(tmp_path):
-    mp.spawn(_global_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_global_worker, (free_port(), str(tmp_path)))
     loss, valid = _global_data()
     alone = hard_pixels(loss, valid, 0.5, 40 * 6)  # one process with all 6 images
     ranks = torch.cat([torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)])

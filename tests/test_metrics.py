@@ -46,6 +46,7 @@ def test_empty_matrix_has_no_scores():
     assert r["miou"] is None and r["pixel_acc"] is None and set(r["iou"].values()) == {None}
 
 
+@pytest.mark.quick
 def test_table_lists_all_classes_and_handles_missing():
     mat = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
     mat[0, 0] = 10
@@ -53,6 +54,7 @@ def test_table_lists_all_classes_and_handles_missing():
     assert "road" in text and "bicycle" in text and "n/a" in text and "100.00" in text
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("seed", [0, 1])
 def test_update_matches_numpy_reference(seed):
     g = np.random.default_rng(seed)

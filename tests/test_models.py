@@ -5,7 +5,11 @@ weights, starting from weights, and the learning-rate schedule and parameter gro
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from cityseg.models.unet import UNet
 from cityseg.optim import lr_factor
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("hw", [(64, 128), (37, 53), (1, 1), (16, 200)])
 def test_any_input_size_gives_logits_of_that_size(hw):
     model = UNet(width=8).eval()
@@ -112,19 +117,22 @@ def test_every_registered_model_trains_resumes_evaluates_and_exports(synthetic_r
     from cityseg.models import MODELS
     from conftest import tiny_trainer
 
+    # the large encoders' checkpoints (up to 600 MB with the optimizer's state) go to memory, not disk
+    runs = Path(tempfile.mkdtemp(dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else tmp_path))
     for name in MODELS:
         settings = dict(model=name, encoder_weights="none", decoder_channels=SMALL_DECODER, aux_weight=0.4,
                         eval_every=0, ckpt_every=0, num_pictures=0, max_val_images=1)
-        first = tiny_trainer(synthetic_root, tmp_path / name, max_iters=2, **settings)
+        first = tiny_trainer(synthetic_root, runs / name, max_iters=1, **settings)
         first.fit()
         first.log.close()
-        again = tiny_trainer(synthetic_root, tmp_path / name, max_iters=3, **settings)
+        again = tiny_trainer(synthetic_root, runs / name, max_iters=2, **settings)
         again.resume()
-        assert again.iteration == 2, name
+        assert again.iteration == 1, name
         again.fit()
         again.log.close()
-        model, state = load_model(tmp_path / name / "last.pt", torch.device("cpu"))
-        assert state["iteration"] == 3 and type(model).__name__ == type(again.model).__name__, name
+        model, state = load_model(runs / name / "last.pt", torch.device("cpu"))
+        shutil.rmtree(runs / name)
+        assert state["iteration"] == 2 and type(model).__name__ == type(again.model).__name__, name
         loader, dataset = val_loader(str(synthetic_root), "val", DistContext(), 0, limit=1)
         written = []
         cm = evaluate(Predictor(model, torch.device("cpu"), None, True), loader,
@@ -133,6 +141,7 @@ def test_every_registered_model_trains_resumes_evaluates_and_exports(synthetic_r
                           for i, p in zip(idx, pred.to(torch.uint8).numpy())))
         assert int(cm.mat.sum()) == int((dataset.load(0)[1] != 255).sum()), name  # every labelled pixel scored
         assert len(written) == 1 and written[0].stat().st_size > 0, name
+    shutil.rmtree(runs)
 
 
 # -- encoder U-Nets under DDP, the moving average ------------------------------------------------------------------
@@ -229,6 +238,7 @@ def test_evaluation_uses_the_moving_average_when_there_is_one(synthetic_root, tm
         f"pass --use-ema auto or no."), proc.stderr
 
 
+@pytest.mark.quick
 def test_the_moving_average_follows_its_formula():
     from cityseg.ema import EMA
 
@@ -280,6 +290,7 @@ REPO_FIXTURES = __import__("conftest").REPO / "tests" / "fixtures" / "encoders"
 
 
 # -- stochastic depth (--drop-path) ---------------------------------------------------------------------------------
+@pytest.mark.quick
 @pytest.mark.parametrize("name, blocks", [("unet_resnet18", 8), ("unet_resnet50", 16), ("unet_convnext_tiny", 18)])
 def test_drop_path_rises_linearly_over_the_encoders_blocks_as_in_timm(name, blocks):
     from cityseg.models import create_model
@@ -295,6 +306,7 @@ def test_drop_path_rises_linearly_over_the_encoders_blocks_as_in_timm(name, bloc
     assert set(model.state_dict()) == before  # no new weights: ImageNet files and checkpoints load as before
 
 
+@pytest.mark.quick
 def test_drop_path_drops_whole_samples_as_timm_does_and_only_in_training():
     from cityseg.models.common import DropPath
 

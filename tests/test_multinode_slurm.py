@@ -154,8 +154,14 @@ def _wait_for_iteration(out: Path, it: int, timeout: float = 300) -> None:
 
 
 def test_usr2_requeues_a_two_node_job_which_resumes_bitwise(synthetic_root, tmp_path):
+    """SLURM's USR2 before the time limit (submit.py asks for it): every rank saves at one iteration, rank 0's
+    submitit requeues the job, and the requeued job resumes there: the same weights as an uninterrupted run, and
+    the same W&B run, every logged step once."""
+    from wandb_log import read_run
+
     out, iters = tmp_path / "run", 40
-    args = _train(synthetic_root, out, "--max-iters", str(iters), "--log-every", "1", "--ckpt-every", "1000")
+    args = _train(synthetic_root, out, "--max-iters", str(iters), "--log-every", "1", "--ckpt-every", "1000",
+                  "--wandb", "offline")
     _, jid = submit(["--nodes", "2", "--tasks-per-node", "1", "--folder", str(tmp_path / "logs" / "%j")], args)
     _wait_for_iteration(out, 5)
     subprocess.run(["scancel", "--signal=USR2", jid], check=True)
@@ -170,6 +176,10 @@ def test_usr2_requeues_a_two_node_job_which_resumes_bitwise(synthetic_root, tmp_
     run_script("train.py", _train(synthetic_root, whole, "--max-iters", str(iters), "--log-every", "1",
                                   "--ckpt-every", "1000"), nproc=2)
     assert same_weights(out, whole)
+    state = load(out / "last.pt")
+    run = read_run(out / "wandb")  # the requeued job continued the same W&B run
+    assert len(run["ids"]) == 2 and set(run["ids"]) == {state["wandb_id"]}
+    assert [s for s, row in run["history"] if "train/loss" in row] == list(range(1, iters + 1))
 
 
 def test_a_killed_two_node_job_leaves_a_lock_that_another_host_takes_over_once_stale(synthetic_root, tmp_path):

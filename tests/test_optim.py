@@ -138,6 +138,7 @@ def mmseg_scale(name: str, decay: float, num_layers: int) -> float:
     return decay ** (layers - layer_id - 1)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("decay, num_layers, mult", [(0.9, 6, 1.0), (0.75, 12, 0.5)])
 def test_layer_decay_gives_each_convnext_parameter_mmsegmentations_stage_wise_rate(decay, num_layers, mult):
     from cityseg.models import create_model

@@ -344,6 +344,7 @@ def _trained(root, out, **settings):
     return ckpt.load(out / "last.pt")
 
 
+@pytest.mark.quick
 def test_optimizer_settings_changed_on_resume_take_effect_and_each_parameter_keeps_its_state(synthetic_root,
                                                                                              tmp_path):
     out = tmp_path / "run"
@@ -409,6 +410,7 @@ def test_settings_that_cannot_change_on_resume_are_refused_naming_the_value_the_
     assert {p.name: p.stat().st_mtime_ns for p in ema_run.iterdir() if p.name in before} == before
 
 
+@pytest.mark.quick
 def test_sigterm_during_an_evaluation_saves_first_stops_promptly_and_the_next_run_evaluates_again(
         synthetic_root, tmp_path, monkeypatch):
     from cityseg.evaluation import Predictor

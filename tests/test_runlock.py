@@ -33,6 +33,7 @@ def _quiet(message: str) -> None:
 
 
 # -- the lock alone, with short times ----------------------------------------------------------------------
+@pytest.mark.quick
 def test_a_live_holder_on_this_host_is_refused_with_its_name(tmp_path):
     holder = RunLock(tmp_path, say=_quiet)
     holder.acquire()

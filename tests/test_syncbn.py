@@ -10,11 +10,10 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from cityseg.syncbn import CPUSyncBatchNorm, convert_sync_batchnorm
-from conftest import free_port
+from conftest import free_port, spawn
 
 C = 5
 BATCHES = (3, 1)  # unequal per-rank batches: the statistics must weight ranks by their element counts
@@ -82,7 +81,7 @@ def _reference(x, w, weight, bias, dtype):
 # must be within 1e-5 of the largest value (about a hundred fp32 roundings) or twice PyTorch's own fp32 error.
 @pytest.mark.parametrize("moments", [(3.0, 1.5), (0.5, 300.0)], ids=["plain", "large-mean"])
 def test_cpu_syncbn_matches_batchnorm_on_concatenated_batch(tmp_path, moments):
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), moments), nprocs=2, join=True)
+    spawn(_worker, (2, free_port(), str(tmp_path), moments))
     data = _data(*moments)
     exact, native = _reference(*data, torch.float64), _reference(*data, torch.float32)
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -106,6 +105,7 @@ def test_convert_replaces_every_batchnorm_and_keeps_state():
     assert torch.all(conv[1].running_mean == 0.25)
 
 
+@pytest.mark.quick
 def test_single_process_syncbn_is_batchnorm():
     x, w, weight, bias = _data()
     a = _run_steps(_make_bn(CPUSyncBatchNorm, weight, bias), x, w)
@@ -159,7 +159,7 @@ def _missing_peer_worker(rank: int, port: int, out: str, peer_exits: bool) -> No
 def test_a_missing_peer_raises_instead_of_hanging(tmp_path, peer_exits):
     # The sums go through gloo, which raises when a peer's connection closes, and after the group's timeout
     # when a live peer never sends (the trainer's groups wait 30 minutes; here 2 seconds).
-    mp.spawn(_missing_peer_worker, args=(free_port(), str(tmp_path), peer_exits), nprocs=2, join=True)
+    spawn(_missing_peer_worker, (free_port(), str(tmp_path), peer_exits))
     result = json.loads((tmp_path / "rank0.json").read_text())
     assert result["message"] != "returned"
     expected = ("closed by peer", "reset by peer") if peer_exits else ("Timed out",)
@@ -215,7 +215,7 @@ def test_every_registered_model_compiles_with_synchronised_batchnorm_and_no_grap
     DDPOptimizer's, one per gradient bucket."""
     from cityseg.models import MODELS
 
-    mp.spawn(_trace_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_trace_worker, (free_port(), str(tmp_path)))
     found = json.loads((tmp_path / "trace.json").read_text())
     assert set(found) == set(MODELS)
     for name, f in found.items():
@@ -272,7 +272,7 @@ def _aot_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_aot_autograd_traces_the_collectives_of_forward_and_backward_and_trains_like_eager(tmp_path):
-    mp.spawn(_aot_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_aot_worker, (free_port(), str(tmp_path)))
     found = json.loads((tmp_path / "aot.json").read_text())
     # every BatchNorm's synchronised operator in the forward graphs, and its backward in the backward graphs
     assert found["forward"]["cityseg.sync_batch_norm.default"] == found["norms"] == 18, found

@@ -8,13 +8,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import yaml
 
 from cityseg.checkpoint import load
 from cityseg.config import parse_config
-from conftest import (CLASS_NAMES, TINY, assert_matches_reference, free_port, reference_scores, run_script,
+from conftest import (CLASS_NAMES, TINY, assert_matches_reference, free_port, reference_scores, run_script, spawn,
                       tiny_trainer)
 from wandb_log import read_run
 
@@ -245,7 +244,7 @@ def _count_allreduce_worker(rank: int, port: int, root: str, out: str) -> None:
 def test_gradient_accumulation_all_reduces_once_per_step(synthetic_root, tmp_path):
     # Only the last micro-step all-reduces the gradient buckets (DDP's no_sync on the others): a step of 2 or 3
     # micro-batches makes exactly the all-reduce calls of a step of 1. The weights alone cannot tell.
-    mp.spawn(_count_allreduce_worker, args=(free_port(), str(synthetic_root), str(tmp_path)), nprocs=2, join=True)
+    spawn(_count_allreduce_worker, (free_port(), str(synthetic_root), str(tmp_path)))
     for rank in range(2):
         counts = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert counts["1"] >= 1 and counts["2"] == counts["1"] and counts["3"] == counts["1"], counts

@@ -121,6 +121,7 @@ def _applied(transform, image, seed):
     return traced(image=image)["applied_transforms"]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("options", [{}, {"cat_max_ratio": 0.75, "photometric_kind": "full"}],
                          ids=["default", "class-aware+full"])
 def test_cache_path_gives_the_same_samples_as_png(synthetic_root, tmp_path, options):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -63,44 +63,59 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-SLOW_STEPS = """
-import sys, time
-from cityseg import engine
-from cityseg.checkpoint import save_periodic
-slow = {slow}
-step = engine.Trainer.train_step
-def train_step(self, micro):
-    step(self, micro)
-    if self.iteration + 1 in slow:
-        time.sleep(3)
-engine.Trainer.train_step = train_step
-save = engine.ckpt.save_periodic
-def slow_save(*a, **k):
-    time.sleep(3)
-    return save(*a, **k)
-engine.ckpt.save_periodic = slow_save
-sys.argv = ["train.py", *sys.argv[1:]]
-exec(open("train.py").read())
-"""
+def _slow_steps_run(args: list[str], slow: tuple[int, ...], logs: Path) -> None:
+    """train.py's main in a process forked from this one (the watchdog ends a process with os._exit), with
+    2.5 s more after each step of ``slow`` and in every checkpoint write."""
+    import time as clock
+
+    from cityseg import engine
+    from conftest import entry_point
+
+    step, save = engine.Trainer.train_step, engine.ckpt.save_periodic
+
+    def train_step(self, micro):
+        step(self, micro)
+        if self.iteration + 1 in slow:
+            clock.sleep(2.5)
+
+    def slow_save(*a, **k):
+        clock.sleep(2.5)
+        return save(*a, **k)
+
+    engine.Trainer.train_step, engine.ckpt.save_periodic = train_step, slow_save
+    err = open(logs / "stderr", "w")
+    os.dup2(err.fileno(), 2)
+    sys.stderr = sys.stdout = err
+    status = 0
+    try:
+        entry_point("train").main(args)
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+    err.flush()
+    os._exit(status)
 
 
 @pytest.mark.parametrize("slow, status", [((1,), 0), ((3,), STALL_EXIT)], ids=["first-step", "third-step"])
 def test_the_first_step_and_checkpoint_writes_are_not_stalls_but_a_slow_later_step_is(synthetic_root, tmp_path,
                                                                                           slow, status):
-    """One process, --stall-timeout 1.5: a 3 s first step and 3 s checkpoint writes pass; a 3 s third step
+    """One process, --stall-timeout 1: a 2.5 s first step and 2.5 s checkpoint writes pass; a 2.5 s third step
     ends the run with status 75 and its stack."""
+    import multiprocessing
+
     out = tmp_path / "run"
-    args = train_args(synthetic_root, out, "--stall-timeout", "1.5", "--max-iters", "4", "--ckpt-every", "2",
+    args = train_args(synthetic_root, out, "--stall-timeout", "1", "--max-iters", "4", "--ckpt-every", "2",
                       "--eval-every", "0")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", SLOW_STEPS.format(slow=slow), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == status, proc.stdout + proc.stderr
+    run = multiprocessing.get_context("fork").Process(target=_slow_steps_run, args=(args, slow, tmp_path))
+    run.start()
+    run.join(120)
+    stderr = (tmp_path / "stderr").read_text()
+    assert run.exitcode == status, stderr
     if status == 0:
-        assert "done: 4 iterations" in proc.stdout and not (out / "stalls").exists()
+        assert "done: 4 iterations" in (out / "train.log").read_text() and not (out / "stalls").exists()
         return
-    assert proc.stderr.count("error:") == 1 and "after iteration 2" in proc.stderr, proc.stderr
-    assert "every rank still answers; they are at iteration 2 in the training step" in proc.stderr
+    assert stderr.count("error:") == 1 and "after iteration 2" in stderr, stderr
+    assert "for 1 s (--stall-timeout)" in stderr
+    assert "every rank still answers; they are at iteration 2 in the training step" in stderr
     assert "in train_step" in (out / "stalls" / "rank0.txt").read_text()  # where it was: the slow step
 
 
@@ -110,6 +125,7 @@ def _record(rank, step=10, phase="step", progress_age=100.0, beat_age=0.1, armed
             "progress": now - progress_age, "beat": now - beat_age, "armed": armed, "paused": paused}
 
 
+@pytest.mark.quick
 def test_the_verdict_names_the_silent_or_odd_ranks_and_excuses_checkpoints_and_first_steps(tmp_path):
     dog = Watchdog(60, tmp_path, rank=0, world_size=4)
     assert dog.grace < dog.timeout
