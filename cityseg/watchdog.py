@@ -35,6 +35,8 @@ from typing import Any, Iterator
 
 #: Exit status of a rank that the watchdog ends (EX_TEMPFAIL: run the same command again).
 STALL_EXIT = 75
+#: The file in OUT/stalls/ that holds the line the reporting rank printed (the other ranks then stay quiet).
+VERDICT = "verdict.txt"
 #: What each phase of the loop is called in the one line.
 PHASES = {"starting": "starting", "step": "in the training step", "data": "loading data",
           "eval": "evaluating", "checkpoint": "writing a checkpoint", "log": "logging"}
@@ -164,8 +166,10 @@ class Watchdog:
         except OSError:
             pass
         speaker = min(r["rank"] for r in verdict["live"])
-        if speaker == self.rank:
+        if speaker == self.rank and not self._handled():
             line = self.describe(verdict)
+            with contextlib.suppress(OSError):  # before the requeue, which ends the other ranks
+                (self.out / "stalls" / VERDICT).write_text(line + "\n")
             requeued = requeue_slurm_job()
             message = f"error: {line}; {requeued}" if requeued else f"error: {line}"
             print(message, file=sys.stderr, flush=True)
@@ -176,6 +180,15 @@ class Watchdog:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(STALL_EXIT)
+
+    def _handled(self) -> bool:
+        """True when another rank has already said what stalled, after this rank's last progress: this rank was
+        the one that stopped, and wakes now (SLURM continues a stopped task to end it), with nothing to add but
+        its stacks."""
+        try:
+            return (self.out / "stalls" / VERDICT).stat().st_mtime >= self.last_progress
+        except OSError:
+            return False
 
     def describe(self, verdict: dict[str, Any]) -> str:
         """The one line: how long, since which iteration, who, where the stacks are, how to resume."""

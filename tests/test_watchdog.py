@@ -49,6 +49,7 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout_and_the_same_command_res
     assert "distributed_c10d.py" in main and "cityseg/engine.py" in main, main
     assert stacks.startswith(f"rank 0 on ") and f"pid {rank0}: iteration " in stacks.splitlines()[0]
     assert not (out / "stalls" / "rank1.txt").exists()  # a stopped process writes nothing
+    assert errors[0].startswith("error: " + (out / "stalls" / "verdict.txt").read_text().strip())  # kept beside
     # the same command resumes from the last checkpoint and ends where an uninterrupted run ends
     second = run_script("train.py", args, nproc=2)
     assert "Resumed from" in second.stdout
