@@ -324,6 +324,27 @@ def _defines_functions(path: Path) -> bool:
     return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(ast.parse(path.read_text())))
 
 
+# -- two pytest workers (scripts/test.sh: pytest -n 2 --dist loadfile) ---------------------------------------------
+# These files drive one SLURM cluster, switching it between one node and two: they run on one worker, in order.
+ONE_CLUSTER = ("tests/test_slurm.py", "tests/test_multinode_slurm.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``--dist loadfile``: a file's tests stay on one worker (module fixtures are built once), the files of
+    ONE_CLUSTER share one, and the files with the most tests go first. (xdist's own ``loadgroup`` marks reach no
+    scheduler under pytest 9.2, which no longer takes the node ids they rewrite.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneClusterScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "slurm cluster" if path in ONE_CLUSTER else path
+
+    return OneClusterScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU-marked tests skip cleanly on machines without CUDA."""
     import torch

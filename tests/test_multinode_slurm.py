@@ -24,8 +24,8 @@ import torch
 from cityseg.checkpoint import load
 from conftest import REPO, TINY, run_script
 
-# one cluster: these files run one after the other on one xdist worker (each starts the cluster it needs)
-pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm-cluster")]
+# one cluster: this file and its sibling run on one pytest worker, one after the other (conftest.ONE_CLUSTER)
+pytestmark = pytest.mark.slurm
 CLUSTER = ["bash", "slurm/local_cluster.sh"]
 # the sbatch templates call `python`: this interpreter's
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",

@@ -17,8 +17,8 @@ import pytest
 from cityseg.checkpoint import load
 from conftest import REPO, TINY, assert_matches_reference, reference_scores
 
-# one cluster: these files run one after the other on one xdist worker (each starts the cluster it needs)
-pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm-cluster")]
+# one cluster: this file and its sibling run on one pytest worker, one after the other (conftest.ONE_CLUSTER)
+pytestmark = pytest.mark.slurm
 
 
 @pytest.fixture(scope="module", autouse=True)
