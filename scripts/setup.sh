@@ -7,7 +7,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-# The exact torch this repository tests with, first: pyproject.toml only asks for a range (torch>=2.4.0a0), which
+# The exact torch this repository tests with, first: pyproject.toml only asks for a range (torch>=2.6.0a0), which
 # a torch already in .venv (a CUDA build, say) satisfies; without one, a bare range would pull the newest
 # CUDA build, several GB.
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then

@@ -241,10 +241,10 @@ def test_overlay_takes_float_images_in_0_1_and_refuses_other_images_and_masks_in
 # -- ONNX -------------------------------------------------------------------------------------------------------
 def _needs_onnx():
     pytest.importorskip("onnxruntime")
-    from cityseg.onnx import torch_version
+    from cityseg.onnx import ONNX_TORCH, torch_version
 
-    if torch_version() < (2, 6):
-        pytest.skip("the ONNX export needs torch 2.6 or newer (torch.onnx.export(dynamo=True))")
+    if torch_version() < ONNX_TORCH:
+        pytest.skip(f"the ONNX export needs torch {ONNX_TORCH[0]}.{ONNX_TORCH[1]} or newer")
 
 
 def _onnx_check(path: Path, model: torch.nn.Module) -> None:
