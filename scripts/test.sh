@@ -23,5 +23,5 @@ else
   # two pytest workers (pytest-xdist): many tests wait on processes, daemons and timeouts rather than compute.
   # A file stays on one worker, the two slurm files share one (tests/conftest.py). CITYSEG_TEST_WORKERS=0: one
   # process, no workers.
-  python -m pytest -q -n "${CITYSEG_TEST_WORKERS:-2}" --dist loadfile "$@"
+  python -m pytest -q -n "${CITYSEG_TEST_WORKERS:-2}" --dist loadfile --durations=10 "$@"
 fi
