@@ -329,6 +329,7 @@ def _defines_functions(path: Path) -> bool:
 ONE_CLUSTER = ("tests/test_slurm.py", "tests/test_multinode_slurm.py")
 
 
+@pytest.hookimpl(optionalhook=True)  # without pytest-xdist (pytest -p no:xdist) there is no such hook
 def pytest_xdist_make_scheduler(config, log):
     """Under ``--dist loadfile``: a file's tests stay on one worker (module fixtures are built once), the files of
     ONE_CLUSTER share one, and the files with the most tests go first. (xdist's own ``loadgroup`` marks reach no
