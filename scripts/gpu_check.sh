@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CUDA path, checked and measured on a GPU machine, in tiers sized for a short lease on one H100/H200:
+# The CUDA path, checked and measured on a GPU machine, in tiers sized for a short lease on one H100/H200
+# (the times are the phases' estimates; --list shows them):
 #
 #   bash scripts/gpu_check.sh --quick           # about 3 minutes of work (no compile, no evaluation)
 #   bash scripts/gpu_check.sh                   # full: about 6 minutes (every one-GPU test, the bench's eager rows)

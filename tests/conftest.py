@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -73,14 +74,23 @@ def entry_point(name: str):
     return module
 
 
+def exit_status(e: SystemExit) -> int:
+    """The status a process ending with ``e`` exits with (``sys.exit()``: 0, ``sys.exit("text")``: 1)."""
+    return e.code if isinstance(e.code, int) else int(e.code is not None)
+
+
+def call_main(name: str, argv: list[str]) -> int:
+    """An entry point's ``main(argv)`` in this process; its exit status."""
+    try:
+        entry_point(name).main(list(map(str, argv)))
+    except SystemExit as e:
+        return exit_status(e)
+    return 0
+
+
 def run_main(name: str, argv: list[str], capsys) -> tuple[int, str]:
     """Run an entry point's ``main(argv)`` in this process: (exit status, stderr)."""
-    status = 0
-    try:
-        entry_point(name).main(argv)
-    except SystemExit as e:
-        status = e.code if isinstance(e.code, int) else 1
-    return status, capsys.readouterr().err
+    return call_main(name, argv), capsys.readouterr().err
 
 
 def run_script(script: str, args: list[str], nproc: int = 0, timeout: float = 300, check: bool = True,
@@ -125,7 +135,7 @@ def _run_forked(script: str, args: list[str], nproc: int, timeout: float) -> sub
     codes = [p.exitcode for p in ranks]
     out = "".join((logs / f"{r}.out").read_text(errors="replace") for r in range(nproc))
     err = "".join((logs / f"{r}.err").read_text(errors="replace") for r in range(nproc))
-    shutil_rmtree(logs)
+    shutil.rmtree(logs, ignore_errors=True)
     status = next((c for c in codes if c), 0)
     return subprocess.CompletedProcess([script, *args, f"(forked, {nproc} ranks)"], status, out, err)
 
@@ -141,11 +151,8 @@ def _forked_rank(script: str, args: list[str], rank: int, world: int, port: int,
     os.dup2(err.fileno(), 2)
     sys.stdout, sys.stderr = out, err
     os.chdir(REPO)
-    status = 0
     try:
-        entry_point(script.removesuffix(".py")).main(args)
-    except SystemExit as e:
-        status = e.code if isinstance(e.code, int) else int(e.code is not None)
+        status = call_main(script.removesuffix(".py"), args)
     except BaseException:  # a traceback, as a launcher's worker would print it
         import traceback
 
@@ -169,14 +176,8 @@ def run_submit(argv: list[str]) -> subprocess.CompletedProcess:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), report_user_errors():
             status = submit(list(argv))
     except SystemExit as e:
-        status = e.code if isinstance(e.code, int) else int(e.code is not None)
+        status = exit_status(e)
     return subprocess.CompletedProcess(["slurm/submit.py", *argv], status, out.getvalue(), err.getvalue())
-
-
-def shutil_rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def spawn(fn, args: tuple, nprocs: int = 2) -> None:
@@ -194,15 +195,13 @@ def _run_in_process(script: str, args: list[str]) -> subprocess.CompletedProcess
     import io
     import signal
 
-    out, err, status = io.StringIO(), io.StringIO(), 0
+    out, err = io.StringIO(), io.StringIO()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            entry_point(script.removesuffix(".py")).main(list(map(str, args)))
-    except SystemExit as e:
-        status = e.code if isinstance(e.code, int) else int(e.code is not None)
+            status = call_main(script.removesuffix(".py"), args)
     finally:
         os.chdir(cwd)
         for sig, handler in handlers.items():

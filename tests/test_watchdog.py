@@ -70,7 +70,7 @@ def _slow_steps_run(args: list[str], slow: tuple[int, ...], logs: Path) -> None:
     import time as clock
 
     from cityseg import engine
-    from conftest import entry_point
+    from conftest import call_main
 
     step, save = engine.Trainer.train_step, engine.ckpt.save_periodic
 
@@ -87,11 +87,7 @@ def _slow_steps_run(args: list[str], slow: tuple[int, ...], logs: Path) -> None:
     err = open(logs / "stderr", "w")
     os.dup2(err.fileno(), 2)
     sys.stderr = sys.stdout = err
-    status = 0
-    try:
-        entry_point("train").main(args)
-    except SystemExit as e:
-        status = e.code if isinstance(e.code, int) else 1
+    status = call_main("train", args)
     err.flush()
     os._exit(status)
 
