@@ -45,10 +45,30 @@ def synthetic_root(tmp_path_factory) -> Path:
                       size=(64, 128), seed=0)
 
 
+_last_port: int | None = None
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing holds now, for a rendezvous a test starts next. Not one the kernel picks (port 0): those come
+    from its ephemeral range, where every outgoing connection also takes its local port, so with two pytest
+    workers another test's connection could take it before the rendezvous binds it. Instead one of 10000-19999
+    (below the ephemeral range and the SLURM templates' 20000 + job id), in a block of this worker's own, in turn."""
+    global _last_port
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    size = 10000 // max(count, 1)
+    first = 10000 + worker * size
+    port = _last_port if _last_port is not None else first + os.getpid() % size
+    for _ in range(size):
+        port = first + (port + 1 - first) % size
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # taken, or still in TIME_WAIT
+                continue
+        _last_port = port
+        return port
+    raise RuntimeError(f"no free port in {first}-{first + size - 1}")
 
 
 def script_command(script: str, args: list[str], nproc: int = 0, max_restarts: int = 0) -> tuple[list, dict]:
